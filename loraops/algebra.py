@@ -50,7 +50,7 @@ def _label(adapter: Adapter, index: int) -> str:
 def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
     """Refuse inputs that name two different bases (None: unknown, compatible with any)."""
     seen: dict[object, str] = {}
-    for base, label in zip(bases, labels):
+    for base, label in zip(bases, labels, strict=True):
         if base is not None:
             seen.setdefault(base, label)
     if len(seen) > 1:
@@ -67,7 +67,7 @@ def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str], method
     from .formats import lowrank
     from .formats.lycoris import described
 
-    for adapter, label in zip(adapters, labels):
+    for adapter, label in zip(adapters, labels, strict=True):
         if adapter.lora_bias and method not in SUMS_BIASES:
             raise InvalidInputError(f"{label} has PEFT lora_bias (a bias on lora_B), which {method} does not define; "
                                     "combine it with cat or linear (the biases summed, weighted)")
@@ -300,7 +300,7 @@ def combine_lazily(
     for i, adapter in enumerate(adapters):  # the report still describes the inputs as given
         adapters[i], joined = raw.join_gate_up(adapter)
         halves.update(joined)
-    present = {name: [(label, a.modules[name]) for a, label in zip(adapters, labels) if name in a.modules]
+    present = {name: [(label, a.modules[name]) for a, label in zip(adapters, labels, strict=True) if name in a.modules]
                for name in sorted(set().union(*(a.modules for a in adapters)))}
     for name, modules in present.items():  # all refused before anything is computed
         _check_module(name, modules)
@@ -322,7 +322,8 @@ def combine_lazily(
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
         format=combined_format(a.format for a in adapters), base_model=next((h for h in hints if h), None),
-        base_revision=next((a.base_revision for a, h in zip(adapters, hints) if h), None),  # (that input's)
+        # (that input's)
+        base_revision=next((a.base_revision for a, h in zip(adapters, hints, strict=True) if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(templates, adapters),
@@ -337,7 +338,7 @@ def combine_lazily(
     def made_of(name: str, template: LoraModule):
         B0, A0 = template.matrices()
         terms = []
-        for adapter, (_, weight), own in zip(adapters, inputs, owns):
+        for adapter, (_, weight), own in zip(adapters, inputs, owns, strict=True):
             module = adapter.modules.get(name)
             if module is None:  # a zero delta: rank-0 factors
                 B2, A2, scale = B0[:, :0], A0[:0], 0.0
@@ -372,7 +373,7 @@ def combine_lazily(
             module = template.with_factors(B, A, alpha=float(new_rank), scale=1.0)
             if module.lora_bias is not None:  # scale 1: Σ wᵢ·sᵢ·lora_biasᵢ
                 bias = sum((float(weight) * m.scale * m.lora_bias.to(torch.float64)
-                            for (_, weight), a in zip(inputs, adapters)
+                            for (_, weight), a in zip(inputs, adapters, strict=True)
                             if (m := a.modules.get(name)) is not None and m.lora_bias is not None),
                            torch.zeros(template.out_features, dtype=torch.float64))
                 module.lora_bias = converted(bias, out_dtype)
@@ -387,7 +388,7 @@ def combine_lazily(
         return CombineReport(
             method=method, params=arguments.record(), rank=rank, conv_rank=conv_rank,
             inputs=[CombineInputRecord(ref=label, weight=float(w), rank=a.rank, modules=len(a.modules))
-                    for (a, w), label in zip(inputs, labels)],
+                    for (a, w), label in zip(inputs, labels, strict=True)],
             device=str(target), precision=precision, modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors), parameters=combined.num_parameters, seconds=seconds,
         )

@@ -202,7 +202,7 @@ class BaseModel:
                 hashed = list(pool.map(lambda item: _hash_file(self.headers[item[1]], bar), missing))
         finally:
             bar.close()
-        for (part, file), file_digests in zip(missing, hashed):
+        for (part, file), file_digests in zip(missing, hashed, strict=True):
             store_digests(file, file_digests)
             digests.update({part.prefix + n: d for n, d in file_digests.items()})
         return digests

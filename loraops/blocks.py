@@ -222,7 +222,7 @@ def factors(names: "Iterable[str]", weights: "Sequence[float] | None") -> dict[s
 
 def _by_block(weights: tuple[float, ...]) -> dict[str, float]:
     """Checked weights → {block: weight} for the blocks their layout names."""
-    return dict(zip(LAYOUTS[len(weights)][1], weights))
+    return dict(zip(LAYOUTS[len(weights)][1], weights, strict=True))
 
 
 def text(weights: "Sequence[float] | None") -> str:

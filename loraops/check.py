@@ -823,8 +823,9 @@ def stored_twice(manifest: Mapping[str, object], config: Callable[[str], dict], 
         info = manifest[name]
         twins = {other for other in candidates if other != name and manifest[other].shape == info.shape
                  and manifest[other].dtype == info.dtype}
-        twins = {other for other in twins if all(torch.equal(a, b) for (_, _, a), (_, _, b)
-                                                 in zip(read_row_blocks(info), read_row_blocks(manifest[other])))}
+        twins = {other for other in twins if all(
+            torch.equal(a, b) for (_, _, a), (_, _, b)
+            in zip(read_row_blocks(info), read_row_blocks(manifest[other]), strict=True))}
         if twins and not any(name in group for group in groups):
             groups.append({name, *twins})
     return groups

@@ -457,7 +457,7 @@ def combine(
         inputs = [open_entry(reg, open_input, ref, base, recipe, base_model) for ref, _ in refs]
         if block_weights is not None:
             inputs = [replace(i, adapter=blocks.block_weighted(i.adapter, weights, i.record.ref))
-                      for i, weights in zip(inputs, block_weights)]
+                      for i, weights in zip(inputs, block_weights, strict=True)]
         written = fmt or algebra.combined_format(i.adapter.format for i in inputs)
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
@@ -465,7 +465,8 @@ def combine(
         if base_model is not None:
             check_base_model(reg, inputs, base_model)
         combined = algebra.combine_lazily(
-            [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
+            [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs, strict=True)], method, params, rank=rank,
+            device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs], conv_rank=conv_rank,
             out_dtype=computed,
@@ -477,7 +478,8 @@ def combine(
         lineage = LineageSpec(
             op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank,
                                                  **lineage_dtype(dtype), **blocks.lineage(block_weights)}, conv_rank),
-            inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
+            inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w)
+                    for i, (_, w) in zip(inputs, refs, strict=True)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
         result = save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force,
@@ -486,7 +488,7 @@ def combine(
         return result
     report = result.report.model_copy(update={"inputs": [
         i.model_copy(update={"block_weights": blocks.recorded(weights)})
-        for i, weights in zip(result.report.inputs, block_weights)]})
+        for i, weights in zip(result.report.inputs, block_weights, strict=True)]})
     return result.model_copy(update={"report": report})
 
 

@@ -347,7 +347,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         adapters=[
             MergeInputRecord(ref=a.label, weight=w, modules=len(a.modules),
                              full_tensors=len(a.full_tensors), component=component)
-            for (a, w), component in zip(adapters, components)
+            for (a, w), component in zip(adapters, components, strict=True)
         ],
         dtype=out_dtype or base.dtype,
         device=str(dev),

@@ -187,7 +187,7 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
         parts.append(tied)
     if parts:
         raise MismatchError(f"{labels[1]} is not a fine-tune of {labels[0]}'s architecture: {'; '.join(parts)}")
-    for model, label in zip((base, tuned), labels):
+    for model, label in zip((base, tuned), labels, strict=True):
         odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")
                     or (info.dtype not in FLOAT_DTYPES and _kind(n, info.shape, False) is not None)), None)
         if odd is None:

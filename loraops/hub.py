@@ -1070,7 +1070,7 @@ def render_card(card: CardInfo) -> str:
                   "|---|---|---|" + ("---|" if weighed else "")]
         lines += [f"| {i.name} | {i.weight:g} | {i.source or ''} |"
                   + (f" {blocks.spelled(w) if w is not None else '-'} |" if weighed else "")
-                  for i, w in zip(card.inputs, weighed or [None] * len(card.inputs))]
+                  for i, w in zip(card.inputs, weighed or [None] * len(card.inputs), strict=True)]
         if params:
             lines += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))]
     return "\n".join(lines) + "\n"

@@ -476,9 +476,9 @@ class Fused:
         sizes = self.sizes(tuple(shape)) if owner is not None and len(shape) == 2 else None
         if sizes is None:
             return None
-        firsts = itertools.accumulate(sizes, initial=0)
+        firsts = itertools.accumulate(sizes[:-1], initial=0)
         return [(f"{owner}.{part}", (tensor, first, rows, sum(sizes)))
-                for part, first, rows in zip(self.parts, firsts, sizes)]
+                for part, first, rows in zip(self.parts, firsts, sizes, strict=True)]
 
 
 FUSED = (
@@ -1029,9 +1029,9 @@ class VirtualTensor:
     def pieces(self) -> list[tuple[str, tuple[str, int, int, int]]]:
         """[(part module path, (this tensor, first row, rows, all rows))] of one stacked from parts, as
         Fused.rows gives them, by the pipeline's own rows."""
-        firsts = itertools.accumulate(self.rows, initial=0)
+        firsts = itertools.accumulate(self.rows[:-1], initial=0)
         return [(part, (self.name, first, rows, self.shape[0]))
-                for (part, _), first, rows in zip(self.parts, firsts, self.rows)]
+                for (part, _), first, rows in zip(self.parts, firsts, self.rows, strict=True)]
 
 
 def dit_inverse(flux: bool, layout: DitLayout | None = None) -> tuple[dict[str, str], dict[str, str]]:

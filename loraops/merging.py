@@ -138,7 +138,7 @@ def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, component
     without it its disk), none without ``output``."""
     scratch = scratch_folder(output) if output is not None else None
     return [replace(resolve_adapter(reg, ref, weight, scratch, room).weighed(weights), component=component)
-            for (ref, weight), weights, component in zip(adapters, lists, components)]
+            for (ref, weight), weights, component in zip(adapters, lists, components, strict=True)]
 
 
 def _refuse_no_component(model: BaseModel, label: str, components: list) -> None:

@@ -249,7 +249,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         base_weights.append(float(top["weight"]))
     if not refs:
         raise refuse("models lists no adapter besides the base_model")
-    for where, ref, own in zip(entries, refs, per_model):
+    for where, ref, own in zip(entries, refs, per_model, strict=True):
         if spec.weighted and "weight" not in own:
             raise refuse(f"{where} ({ref}) has no weight: mergekit's {name} requires one (per model or under "
                          "parameters)")
@@ -277,7 +277,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         combine_arguments(method, params, None, weights, names=entries)
     except InvalidInputError as exc:
         raise refuse(str(exc)) from None
-    return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False),
+    return Recipe(name, method, list(zip(refs, weights, strict=True)), params, base_model, DTYPES.get(dtype, False),
                   OUT_DTYPES.get(written), source)
 
 

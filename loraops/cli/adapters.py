@@ -153,7 +153,7 @@ def show(ref: str, as_json: bool) -> None:
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
-        *zip(("rank", "alpha"), rank_alpha(r)),
+        *zip(("rank", "alpha"), rank_alpha(r), strict=True),
         ("scale mode", scale_mode(r)),
         *variants(r, biased),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),

@@ -33,7 +33,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("size", human_bytes(report.size)),
         ("dtype", report.dtype),
         ("modules", str(report.num_modules)),
-        *zip(("rank", "alpha"), rank_alpha(report)),
+        *zip(("rank", "alpha"), rank_alpha(report), strict=True),
         ("scale mode", scale_mode(report)),
         *variants(report, report.lora_bias),
         ("targets", (", ".join(report.target_modules) or "-") if report.names_resolved

@@ -78,7 +78,7 @@ def _render(report, as_json: bool, name: str | None) -> None:
     verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
     marks = component_marks([a.component for a in report.adapters])
     adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}{mark}"
-                         for a, mark in zip(report.adapters, marks))
+                         for a, mark in zip(report.adapters, marks, strict=True))
     if report.operation == "restore":
         adapters = report.base_path + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0

@@ -38,11 +38,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
 
     def fmt(row: Sequence[str]) -> str:
         cells = []
-        for cell, width in zip(row, widths):
+        for cell, width in zip(row, widths, strict=True):
             numeric = cell.replace(".", "", 1).replace("-", "", 1).isdigit()
             cells.append(cell.rjust(width) if numeric else cell.ljust(width))
         return "  ".join(cells).rstrip()

@@ -325,7 +325,7 @@ def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
             sizes = [rows.get(f"{owner}.{part}", next(iter(sized), None) if part in entry.unsized
                               else module.in_features) for part in entry.parts]
             if None in sizes:
-                lacks = " and ".join(p for p, size in zip(entry.parts, sizes) if size is None)
+                lacks = " and ".join(p for p, size in zip(entry.parts, sizes, strict=True) if size is None)
                 raise FormatError(f"{adapter.label}: {module.name!r} is a part of "
                                   f"{owner.removeprefix(ldm.UNET_PREFIX)!r} whose {lacks} the adapter lacks, so its "
                                   "rows there are unknown: write it as diffusers")
@@ -456,7 +456,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
         # the network args (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
         convs = [m for m in written if m.spatial]
         dim, alpha = dim_alpha([m for m in written if not m.spatial] or written)
-        conv_args = dict(zip(("conv_dim", "conv_alpha"), dim_alpha(convs))) if convs else {}
+        conv_args = dict(zip(("conv_dim", "conv_alpha"), dim_alpha(convs), strict=True)) if convs else {}
         metadata = {
             "ss_network_module": network if (network := adapter.metadata.get("ss_network_module")) in NETWORK_MODULES
             else "networks.lora",

@@ -163,7 +163,7 @@ def adalora_modules(path: Path, factors: dict[str, dict[str, str]], tensors: dic
                                     f"{parts['A']!r}")
         A, B, E = (tensors[parts[k]] for k in "ABE")
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or tuple(E.shape) != (A.shape[0], 1):
-            shapes = ", ".join(f"{parts[k]} {common.fmt_shape(t.shape)}" for k, t in zip("ABE", (A, B, E)))
+            shapes = ", ".join(f"{parts[k]} {common.fmt_shape(t.shape)}" for k, t in zip("ABE", (A, B, E), strict=True))
             raise InvalidInputError(f"{path}: module {name!r}: AdaLoRA's lora_A must be r×in, lora_B out×r and "
                                     f"lora_E r×1 ({shapes})")
         rank, expected = int(A.shape[0]), kept.get(name, init_r)

@@ -1222,7 +1222,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
             else:
                 factors = [(f"{PREFIX}{module}.lora_{part}.weight", tensor) for module, pair in
                            params.parameter_factors(adapter.label, {m.name: m for m in group}, fused).items()
-                           for part, tensor in zip("AB", pair)]
+                           for part, tensor in zip("AB", pair, strict=True)]
             for key, tensor in factors:
                 out.add(key, tensor)
         standalone = tokens.standalone(adapter)

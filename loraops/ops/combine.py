@@ -405,7 +405,7 @@ def kth_largest_magnitudes(values: Callable[[slice], torch.Tensor], ks: Sequence
             j = int(torch.searchsorted(at_least, torch.tensor([wanted[i]], device=at_least.device)))
             wanted[i] -= int(at_least[j - 1]) if j else 0
             prefixes[i] |= (0xFFFF - j) << shift
-    return [Largest(prefix, equal) for prefix, equal in zip(prefixes, wanted)]
+    return [Largest(prefix, equal) for prefix, equal in zip(prefixes, wanted, strict=True)]
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
@@ -510,7 +510,7 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
     if consensus and elected is None:
         elected = elected_positive(taus, consensus)
     divisor = torch.zeros_like(out) if normalize and consensus else None
-    for weight, tau in zip(weights, taus):
+    for weight, tau in zip(weights, taus, strict=True):
         if consensus:
             agree = (tau > 0).eq_(elected).logical_and_(tau != 0)
             tau.mul_(agree)  # (in place, as every step here: the caller's τᵢ are its temporaries)
@@ -569,15 +569,17 @@ def task_arithmetic(
     each model's task vector with that model's density, gamma and epsilon; the mix takes the method's."""
     blocks = row_blocks(ctx.shape)
     owns = [t.params or params for t in terms]
-    sparsifications = [sparsifier(t, own.density, blocks, ctx, i, own) for i, (t, own) in enumerate(zip(terms, owns))]
+    sparsifications = [sparsifier(t, own.density, blocks, ctx, i, own)
+                       for i, (t, own) in enumerate(zip(terms, owns, strict=True))]
     norm = getattr(params, "rescale_norm", None)
-    factors = [t.weight * (norm_ratio(t, s, blocks, norm) if norm else 1.0) for t, s in zip(terms, sparsifications)]
+    factors = [t.weight * (norm_ratio(t, s, blocks, norm) if norm else 1.0)
+               for t, s in zip(terms, sparsifications, strict=True)]
     sparsify = [s() for s in sparsifications]
     mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
     for rows in blocks:
         out = mixed[rows]
-        mix(out, [s(t.delta(rows)).mul_(f) for t, s, f in zip(terms, sparsify, factors)], [t.weight for t in terms],
-            params.consensus if consensus else None, params.normalize)
+        mix(out, [s(t.delta(rows)).mul_(f) for t, s, f in zip(terms, sparsify, factors, strict=True)],
+            [t.weight for t in terms], params.consensus if consensus else None, params.normalize)
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
     return mixed
@@ -649,8 +651,8 @@ def sce(terms: list[Term], params: SceParams, rank: int, ctx: Context) -> Refact
     coefficients = [c / sum(sums) for c in sums]
     for rows, taus in selected():
         elected = elected_positive(taus, params.consensus)  # (of the τᵢ', before they are scaled in place)
-        mix(mixed[rows], [tau.mul_(c) for tau, c in zip(taus, coefficients)], coefficients, params.consensus, True,
-            elected=elected)
+        mix(mixed[rows], [tau.mul_(c) for tau, c in zip(taus, coefficients, strict=True)], coefficients,
+            params.consensus, True, elected=elected)
     return refactor_dense(mixed, rank, exact=ctx.exact)
 
 
@@ -683,10 +685,10 @@ def coordinates(terms: list[Term], vectors: Vectors) -> list[torch.Tensor]:
     if vectors != "rows":
         RBs = torch.linalg.qr(torch.cat(Bs, dim=1), mode="r").R.split(ranks, dim=1)
     if vectors == "rows":
-        return [B @ RA.T for B, RA in zip(Bs, RAs)]
+        return [B @ RA.T for B, RA in zip(Bs, RAs, strict=True)]
     if vectors == "columns":
-        return [(RB @ A).T for RB, A in zip(RBs, As)]
-    return [(RB @ RA.T).reshape(1, -1) for RB, RA in zip(RBs, RAs)]
+        return [(RB @ A).T for RB, A in zip(RBs, As, strict=True)]
+    return [(RB @ RA.T).reshape(1, -1) for RB, RA in zip(RBs, RAs, strict=True)]
 
 
 def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -701,7 +703,7 @@ def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Ve
     """Σ cᵢ·wᵢτᵢ with cᵢ a number per vector, re-factorized to rank k from the cat factors (a row's coefficient scales
     Bᵢ's row, a column's Aᵢ's column): exact, lossless at Σ rᵢ."""
     Bs, As = [], []
-    for t, c in zip(terms, coefficients):
+    for t, c in zip(terms, coefficients, strict=True):
         c = c.to(t.B.dtype)
         B, A = t.B * (t.scale * t.weight), t.A
         if vectors == "columns":
@@ -720,7 +722,8 @@ def norm_of_sum(terms: list[Term], coefficients: torch.Tensor) -> float:
     to 1e-11 of ‖τ‖, measured, where it was taken for a length (2⁻⁴⁸ leaves ×15 over the 2.4e-16 measured up to
     4096×4096). √(cᵀGc) from the Gram matrix G = ⟨τᵢ, τⱼ⟩ rounds cᵀGc to float64, so where the τᵢ cancel it is
     ~1e-8 of them, not ~1e-16 (and multislerp's test against eps = 1e-8 fell on the wrong side)."""
-    B = torch.cat([t.B.double() * (float(c) * t.scale * t.weight) for t, c in zip(terms, coefficients)], dim=1)
+    B = torch.cat([t.B.double() * (float(c) * t.scale * t.weight)
+                   for t, c in zip(terms, coefficients, strict=True)], dim=1)
     A = torch.cat([t.A.double() for t in terms], dim=0)
     size = float(torch.linalg.norm(torch.linalg.qr(B, mode="r").R @ torch.linalg.qr(A.T, mode="r").R.T))
     return 0.0 if size <= 2 ** -48 * float(B.norm(dim=0) @ A.norm(dim=1)) else size
