@@ -1,4 +1,5 @@
-"""Benchmark of the adapter algebra: factored SVD vs dense SVD, a 7B-shaped resize, combine vs PEFT, ties.
+"""Benchmark of the adapter algebra: factored SVD vs dense SVD, a 7B-shaped resize, combine vs PEFT, ties, a
+LoHa resize.
 
     python bench/algebra.py              # the full run (several minutes on 2 cores; the dense SVDs dominate)
     python bench/algebra.py --quick      # small shapes, seconds: a smoke run
@@ -11,6 +12,7 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loraops import settings  # noqa: E402
 from loraops.adapter import Adapter, LoraModule  # noqa: E402
 from loraops.algebra import combine, resize  # noqa: E402
+from loraops.formats.lycoris import Product, product_module  # noqa: E402
 from loraops.ops import svd  # noqa: E402
 from loraops.ops.svd import factored_svd  # noqa: E402
 
@@ -222,6 +225,44 @@ def ties_bench(g: dict, skip_peft: bool) -> None:
             print(row("ties vs PEFT ties_svd (float32 SVD, all threads)", ours, peft))
 
 
+def loha_adapter(g: dict, seed: int) -> Adapter:
+    """A LoHa adapter of ``g``'s shapes (rank g["rank"] // 4 per Hadamard factor), its layout known (as if bound)."""
+    gen = torch.Generator().manual_seed(seed)
+    r, modules = g["rank"] // 4, {}
+    for name, lora in random_adapter(g, seed).modules.items():
+        out, inp = lora.weight_shape
+        factors = {"w1a": torch.randn(out, r, generator=gen) * 0.1, "w1b": torch.randn(r, inp, generator=gen) * 0.1,
+                   "w2a": torch.randn(out, r, generator=gen) * 0.1, "w2b": torch.randn(r, inp, generator=gen) * 0.1}
+        modules[name] = product_module(Path("bench"), name, Product("loha", factors, r), alpha=float(r), scale=1.0,
+                                       keys=(), kernel=())
+        modules[name].product = replace(modules[name].product, kernel_known=True)
+    return Adapter(modules=modules, format="peft", base_model="bench")
+
+
+def loha_resize_bench(g: dict) -> None:
+    """resize of a LoHa adapter: each module's dense ΔW is factorized on one thread, so its modules now run side by
+    side on torch's threads (settings.in_order); before, one after another."""
+    adapter = loha_adapter(g, 5)
+    print(f"\n5. resize of a LoHa adapter of {len(adapter.modules)} modules ({g['hidden']}/{g['mlp']}/{g['kv']}, "
+          f"Hadamard rank {g['rank'] // 4}), once each   (ours | before | before ÷ ours)")
+
+    def in_turn(**rule):  # the code before: modules one after another
+        saved = settings.in_order
+        settings.in_order = lambda items, run, elements, device: map(run, items)
+        try:
+            return resize(adapter, **rule, device="cpu")[0]
+        finally:
+            settings.in_order = saved
+
+    for label, rule in ((f"--rank {g['rank'] // 2}", {"rank": g["rank"] // 2}),
+                        ("--dynamic sv_fro --param 0.9", {"dynamic": "sv_fro", "param": 0.9})):
+        ours, made = best(lambda: resize(adapter, **rule, device="cpu")[0], 1)
+        old, old_made = best(lambda: in_turn(**rule), 1)
+        same = all(torch.equal(m.A, old_made.modules[n].A) and torch.equal(m.B, old_made.modules[n].B)
+                   for n, m in made.modules.items())
+        print(row(f"resize {label} vs modules in turn", ours, old, "same bytes" if same else "BYTES DIFFER"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
@@ -238,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_peft:
         peft_bench(pg, args.repeat)
     ties_bench(TIES_QUICK if args.quick else TIES_FULL, args.skip_peft)
+    loha_resize_bench(TIES_QUICK if args.quick else TIES_FULL)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dty
 from .errors import InvalidInputError, MismatchError, ParameterError
 from .lazy import LazyModule
 from .references import is_integer
-from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
+from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeModuleRecord, ResizeReport
 from .st import dtype_name
 
 if TYPE_CHECKING:
@@ -571,7 +572,7 @@ def resize_lazily(
     from .formats import lowrank, out_dtype as torch_dtype_of, params as raw
     from .formats.peft import lora_config_of
     from .ops.resize import resize_module
-    from .settings import device_memory, resolve_device
+    from .settings import device_memory, in_order, resolve_device
 
     rule, out_dtype = resize_rule(rank, dynamic, param, max_rank, conv_rank), torch_dtype_of(out_dtype)
     if not adapter_argument(adapter, "resize").modules:
@@ -608,13 +609,20 @@ def resize_lazily(
                                        path=None, config=lora_config_of(adapter.config)), halves)
     records = []
 
+    def computed(module: LoraModule) -> tuple[LoraModule, ResizeModuleRecord]:
+        # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
+        with device_memory(target, f"computing module {module.name!r} of the {what}", precise), \
+                factorizing(what, module.name, precision):
+            return resize_module(module, rule, adapter.scale_mode, target, dtype, keep_zero_rank=module.experts > 1,
+                                 exact=precise, out=out_dtype)
+
     def compute() -> Iterator[LoraModule]:
-        for module in adapter.modules.values():
-            # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-            with device_memory(target, f"computing module {module.name!r} of the {what}", precise), \
-                    factorizing(what, module.name, precision):
-                resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
-                                                keep_zero_rank=module.experts > 1, exact=precise, out=out_dtype)
+        # a LoHa/LoKr module's dense ΔW is factorized by an SVD on one thread (ops.svd.single_threaded), so such an
+        # adapter's modules run ahead on the threads; a LoRA's factored SVD takes less than handing it to a thread
+        modules = adapter.modules.values()
+        made_in_order = in_order(modules, computed, lambda m: math.prod(m.weight_shape), target) if any(
+            m.product is not None for m in modules) else map(computed, modules)
+        for resized, record in made_in_order:
             records.append(record)
             yield from raw.split_joined(finite_module(what, resized), halves)
 

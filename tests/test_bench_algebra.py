@@ -18,6 +18,8 @@ def test_bench_quick_smoke(capsys):
     out = capsys.readouterr().out
     assert "factored SVD vs dense svd(B·A)" in out and "resize, " in out and "cat vs PEFT cat" in out
     assert "ties vs modules in turn" in out and "ties vs PEFT ties_svd" in out
+    loha = [line for line in out.splitlines() if "vs modules in turn" in line and line.lstrip().startswith("resize")]
+    assert len(loha) == 2 and all(line.endswith("same bytes") for line in loha)
 
 
 def test_svd_gram_bench_quick_smoke(capsys):

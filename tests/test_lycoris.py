@@ -426,3 +426,32 @@ def test_push_card_says_loha(tmp_path):
     front, body = card.split("---\n")[1], card.split("---\n")[2]
     assert '- "loha"' in front and "A kohya / sd-scripts LoHa, published with loraops." in body
     assert "| variant | LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b) |" in body
+
+
+@pytest.mark.parametrize("rule", [{"rank": 2}, {"dynamic": "sv_fro", "param": 0.9}])
+def test_resize_runs_a_product_adapters_modules_side_by_side(tmp_path, bases, monkeypatch, three_threads, rule):
+    """A LoHa/LoKr module's dense SVD is on one thread, so resize runs such an adapter's modules ahead on torch's
+    threads (settings.in_order), one torch thread each; the result is the same bytes as at one thread."""
+    import threading
+
+    from loraops.ops import resize
+
+    adapter = bind(formats.read_adapter(peft_lycoris(tmp_path / "loha", "loha")),
+                   st.read_header(bases[torch.float32]).tensors)
+    seen, factorize = [], resize.factorize_dense
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return factorize(*args, **kwargs)
+
+    monkeypatch.setattr(resize, "factorize_dense", spy)
+    ahead, report = algebra.resize(adapter, **rule, device="cpu")
+    assert len(seen) == len(adapter.modules) > 1
+    assert {count for _, count in seen} == {1} and all(name.startswith("loraops-ahead") for name, _ in seen)
+    assert [r.name for r in report.modules] == list(adapter.modules)  # (in order)
+    torch.set_num_threads(1)
+    alone, _ = algebra.resize(adapter, **rule, device="cpu")
+    assert {name for name, _ in seen[len(adapter.modules):]} == {threading.current_thread().name}
+    assert list(ahead.modules) == list(alone.modules)
+    for name, module in ahead.modules.items():
+        assert torch.equal(module.A, alone.modules[name].A) and torch.equal(module.B, alone.modules[name].B), name
