@@ -193,13 +193,15 @@ def test_a_tie_word_embeddings_that_is_not_a_bool_is_refused_in_one_line(tmp_pat
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": said}))
     for args in (["check", str(adapter), "--base", str(folder)],
-                 ["merge", str(adapter), "--into", str(folder), "-o", str(tmp_path / "out"), "--no-record"]):
+                 ["merge", str(adapter), "--into", str(folder), "-o", str(tmp_path / "out"), "--no-record"],
+                 ["base", "add", str(folder)]):  # (it recorded the base, which check by name then said fits)
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, result.output
         assert result.output.strip() == (
             f"error: {folder / 'config.json'}: tie_word_embeddings is {said!r}, not true or false (transformers 5 "
             "refuses to load such a config); write true or false")
     assert not (tmp_path / "out").exists()
+    assert json.loads(CliRunner().invoke(main, ["base", "list", "--json"]).output) == []
 
 
 def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_note_as_transformers_does(tmp_path,

@@ -284,6 +284,8 @@ class Registry:
             model = BaseModel.open(path)
         except AdapterAsBase as exc:
             raise InvalidInputError(f"{exc}; register it with `loraops register {path}`") from None
+        for tensor in {info.file: name for name, info in model.tensors.items()}.values():
+            model.config(tensor)  # (a config.json every command that reads it refuses is refused here too)
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(resolved(path))
