@@ -289,3 +289,23 @@ def test_a_pattern_key_that_is_a_regex_only_inside_pefts_wrapper_is_read_as_peft
     assert get_pattern_key([key], "layer.q") == key
     adapter = read_adapter(peft_folder(tmp_path / "a", good(), alpha_pattern={key: 6}))
     assert adapter.modules["layer.q"].scale == 3.0  # alpha 6 over rank 2
+
+
+@pytest.mark.parametrize("values", [True, False])
+@pytest.mark.parametrize("key", ["lora_unet_a", Q])
+def test_a_boolean_alpha_tensor_is_refused_and_an_integer_one_read(tmp_path, key, values):
+    """A file's `.alpha` stored as a boolean tensor was read as alpha 1 (True) or 0, i.e. alpha = rank (False), by
+    inspect, register and merge alike; it is refused as a config's `lora_alpha: true` is. An integer one (sd-scripts'
+    torch.tensor(alpha) of an int) is an alpha."""
+    from loraops.inspect import inspect_path
+
+    down, up = ("lora_down", "lora_up") if key.startswith("lora_unet") else ("lora_A", "lora_B")
+    factors = {f"{key}.{down}.weight": A, f"{key}.{up}.weight": B}
+    path = write(tmp_path / "x.safetensors", {**factors, f"{key}.alpha": torch.tensor(values)})
+    for read in (read_adapter, inspect_path):
+        with pytest.raises(InvalidInputError) as info:
+            read(path)
+        assert str(info.value) == f"{path}: {key}.alpha: alpha {values} is not a finite number (a boolean tensor)"
+    path = write(tmp_path / "y.safetensors", {**factors, f"{key}.alpha": torch.tensor(3)})
+    for read in (read_adapter, inspect_path):
+        assert read(path).alpha == 3.0

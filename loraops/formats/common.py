@@ -287,6 +287,18 @@ def check_alpha(path: Path, alpha: object, where: str) -> float:
     return float(alpha)
 
 
+def stored_alpha(path: Path, tensor, key: str) -> float:
+    """The alpha a file's ``.alpha`` tensor (torch's or a HeaderTensor) holds, check_alpha's rule: one number, stored
+    as a float or an integer (sd-scripts' ``torch.tensor(alpha)`` of an int); a boolean is no alpha (True was read as
+    alpha 1, False as 0: alpha = rank)."""
+    if tensor.numel() != 1:
+        raise InvalidInputError(f"{path}: {key!r} must hold one number, has shape {tuple(tensor.shape)}")
+    if str(tensor.dtype) == "torch.bool":
+        raise InvalidInputError(f"{path}: {key}: alpha {bool(tensor.item())!r} is not a finite number (a boolean "
+                                "tensor)", ["alpha"])
+    return check_alpha(path, float(tensor.double().item()), key)
+
+
 def _shown(number: int | float) -> str:
     """A number as messages show it (%g to 9 digits, which tell float32s apart: 3.4028236e+38 beyond its max,
     not 3.40282e+38), also an integer beyond any float."""

@@ -168,10 +168,7 @@ def module_alpha(path: Path, tensors: dict[str, "torch.Tensor"], key: str | None
         return common.check_alpha(path, alpha, "alpha")
     if key is None:
         return None
-    stored = tensors[key]
-    if stored.numel() != 1:
-        raise InvalidInputError(f"{path}: {key!r} must hold one number, has shape {tuple(stored.shape)}")
-    return common.check_alpha(path, float(stored.double().item()), key) or None
+    return common.stored_alpha(path, tensors[key], key) or None
 
 
 def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor", keys: dict[str, str]) -> "torch.Tensor":

@@ -639,10 +639,7 @@ def key_alpha(path: Path, tensors: dict[str, "torch.Tensor"], parsed: ParsedKeys
     rank = float(tensors[parsed.factors[name]["A"]].shape[0])
     if name not in alpha_keys:
         return rank
-    stored = tensors[alpha_keys[name]]
-    if stored.numel() != 1:
-        raise InvalidInputError(f"{path}: {alpha_keys[name]!r} must hold one number, has shape {tuple(stored.shape)}")
-    return common.check_alpha(path, float(stored.double().item()), alpha_keys[name]) or rank
+    return common.stored_alpha(path, tensors[alpha_keys[name]], alpha_keys[name]) or rank
 
 
 def build_modules(
