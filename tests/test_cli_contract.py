@@ -4,6 +4,7 @@ outputs land by rename, and the registry changes in one transaction or not at al
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -915,7 +916,7 @@ def test_help_and_version_on_a_full_disk_or_a_closed_pipe(args):
 
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-m", "loraops", *args], stdout=full, stderr=subprocess.PIPE, text=True)
-    assert (done.returncode, done.stderr) == (5, "error: No space left on device\n")
+    assert (done.returncode, done.stderr) == (5, "error: stdout: No space left on device\n")
     reader, writer = os.pipe()
     os.close(reader)
     try:
@@ -923,6 +924,30 @@ def test_help_and_version_on_a_full_disk_or_a_closed_pipe(args):
     finally:
         os.close(writer)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_report_that_cannot_be_written_says_stdout_and_what_landed(tmp_path, kohya):
+    """A merge (or registration) whose summary cannot be written (stdout on a full disk) said only "No space left on
+    device", exit 5, as if the merge had failed for want of room, while its output was written and recorded; the
+    error now names stdout and says what landed, as an interrupted command does."""
+    import subprocess
+    import sys
+
+    base, out = _single_file_base(tmp_path), tmp_path / "merged.safetensors"
+
+    def full(*args) -> str:
+        with open("/dev/full", "w") as stdout:
+            done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], stdout=stdout,
+                                  stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 5, done.stderr
+        return done.stderr
+
+    assert full("merge", kohya, "--into", base, "-o", out) == (
+        f"error: stdout: No space left on device (after {out} was written in full and recorded)\n")
+    assert [b["name"] for b in json.loads(cli("base", "list", "--json").stdout)] == ["base", "merged"]
+    assert full("register", kohya, "--base", "base") == (  # (the merge registered it; this links it to its base)
+        "error: stdout: No space left on device (after style@1 was linked to base base)\n")
+    assert full("list") == "error: stdout: No space left on device\n"
 
 
 def _single_file_base(tmp_path) -> Path:

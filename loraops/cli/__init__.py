@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 
@@ -201,17 +201,33 @@ def fail(message: str, code: int) -> None:
     raise click.exceptions.Exit(code)
 
 
-def system_error(exc: OSError) -> None:
+def system_error(exc: OSError, landed: Callable[[], str | None] = lambda: None) -> None:
     """An error of the operating system nothing foresaw (a home under a file, a read-only folder, a full disk, stdout
     on /dev/full): still one line, naming the path the user gave (not our temporary sibling of it). A reader that
-    left (`loraops list | head`) gets silence and 141, as from other CLI tools."""
+    left (`loraops list | head`) gets silence and 141, as from other CLI tools. Stdout that cannot be written is
+    named, with what had landed (``landed``: an output, a record), which the report was to say: a merge's summary
+    on a full disk said only "No space left on device", as if the merge had failed for want of room."""
     if isinstance(exc, BrokenPipeError):
         sys.stderr.close()
         raise click.exceptions.Exit(141)
     from ..fsutil import user_path
 
-    where = f"{user_path(exc.filename)}: " if exc.filename else ""
-    fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+    code = 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1
+    if exc.filename:
+        fail(f"{user_path(exc.filename)}: {exc.strerror or exc}", code)
+    if not writing_stdout(exc):
+        fail(str(exc.strerror or exc), code)
+    after = landed()
+    fail(f"stdout: {exc.strerror or exc}" + (f" ({after.removeprefix('interrupted ')})" if after else ""), code)
+
+
+def writing_stdout(exc: OSError) -> bool:
+    """Whether ``exc`` was raised writing to stdout: by click.echo to it (the frame it left from writes its ``file``)."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    stream = frame.tb_frame.f_locals.get("file") if frame is not None else None
+    return stream is not None and any(stream is out for out in (sys.stdout, sys.__stdout__))
 
 
 def said(exc: LoraopsError, command: click.Command | None) -> str:
@@ -347,7 +363,7 @@ class LoraopsGroup(click.Group):
         except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)
             fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
-            system_error(exc)
+            system_error(exc, lambda: _landed(ctx))
         except Exception as exc:
             if _interrupt[0] is None and not _raised_under_interrupt(exc):
                 from ..settings import out_of_memory
