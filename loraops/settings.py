@@ -139,6 +139,12 @@ def backend(url: str) -> str:
     return url.partition("://")[0].partition("+")[0]
 
 
+WRITER_LOCK = ".writer-lock"
+"""The suffix of the file lock SQLite registry writers queue on, beside the database (registry.db.writer_lock)."""
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", WRITER_LOCK)
+"""The suffixes of the files kept beside an SQLite registry's database: SQLite's, and the writers' lock."""
+
+
 def sqlite_database(url: str | None = None) -> Path | None:
     """The file of the SQLite registry at ``url`` (default: db_url()), else None (a server, or an SQLite database in
     no file: see sqlite_file)."""

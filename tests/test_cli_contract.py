@@ -224,11 +224,17 @@ def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_pat
     st.write_safetensors(base / "model.safetensors", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
     for args in (["export", "style", "--format", "kohya"], ["resize", "style", "--rank", "2", "--format", "kohya"],
                  ["merge", kohya, "--into", base, "--no-record"]):
-        for target in (database, isolated_home / "registry.db-wal"):
+        # (the writers' lock, replaced by a folder, failed every later write: `…writer-lock: Is a directory`)
+        for target in (database, isolated_home / "registry.db-wal", isolated_home / "registry.db.writer-lock"):
             result = cli(*args, "-o", target, "--force", code=2)
             assert result.stderr == (f"error: {target}: overlaps the registry's database ({target}); write the output "
                                      "elsewhere\n")
+        cache = isolated_home / "cache"
+        result = cli(*args, "-o", cache / "digests", "--force", code=2)
+        assert result.stderr == (f"error: {cache / 'digests'}: overlaps loraops' cache ({cache}); write the output "
+                                 "elsewhere\n")
     assert database.read_bytes() == before and cli("list").output.count("style@1") == 1
+    cli("rm", "style")  # (a write: the lock still works)
 
 
 def test_force_does_not_replace_home_the_current_folder_or_what_holds_them(tmp_path, kohya, monkeypatch):

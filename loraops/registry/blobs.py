@@ -55,11 +55,13 @@ class BlobStore:
     def refuse_output_inside(self, output: str | Path, database: Path | None = None) -> None:
         """An output that is, holds or lies inside the store could overwrite stored adapters: refused, even with
         --force (needs no database: a --no-record merge checks it too). So is one over the registry's SQLite
-        ``database`` (default: settings'), or the files SQLite keeps beside it: `-o …/registry.db --force`
-        replaced the registry with an adapter."""
+        ``database`` (default: settings'), or the files kept beside it: `-o …/registry.db --force` replaced the
+        registry with an adapter, `-o …/registry.db.writer-lock --force` the writers' lock (every write then failed
+        on it); and one over loraops' cache in the home (digests, Hub picks)."""
         refuse_overlap(output, self.root, "the registry's blob store")
+        refuse_overlap(output, settings.home() / "cache", "loraops' cache")
         database = database or settings.sqlite_database()
-        for name in (database.name, *(database.name + s for s in ("-wal", "-shm", "-journal"))) if database else ():
+        for name in (database.name, *(database.name + s for s in settings.SQLITE_SIDE_FILES)) if database else ():
             refuse_overlap(output, database.with_name(name), "the registry's database")
 
     def folder(self, identity: str) -> Path:

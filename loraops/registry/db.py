@@ -151,7 +151,7 @@ def writer_lock(engine: Engine):
     path = sqlite_file(engine)
     if path is None:
         return contextlib.nullcontext()
-    return file_lock(path.with_name(path.name + ".writer-lock"))
+    return file_lock(path.with_name(path.name + settings.WRITER_LOCK))
 
 
 def sqlite_file(engine: Engine) -> Path | None:
