@@ -1024,3 +1024,36 @@ def test_a_ctrl_c_once_db_upgrade_committed_says_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["--db", f"sqlite:///{tmp_path}/registry.db", "db", "upgrade"])
     assert (result.exit_code, result.output.splitlines()[-1]) == (
         130, f"error: interrupted after the registry was upgraded to revision {db.HEAD}")
+
+
+@pytest.mark.sqlite_only  # a database file damaged in place
+def test_a_damaged_registry_is_one_line_not_a_traceback(tmp_path, isolated_home):
+    """Damage that opening the registry does not meet — a table gone while the schema revision is intact, pages
+    overwritten by a crash or a bad disk — escaped the reads as the driver's traceback (`sqlite3.DatabaseError:
+    database disk image is malformed`, `no such table`), exit 1, from list, show and verify."""
+    import sqlite3
+
+    for i in range(12):
+        cli("register", kohya_file(tmp_path / f"k{i}.safetensors", KOHYA_MODULES, rank=4, alpha=2 + i), "--tag",
+            f"t{i}")
+    database = isolated_home / "registry.db"
+    copy = tmp_path / "dropped.db"
+    copy.write_bytes(database.read_bytes())
+    with sqlite3.connect(copy) as connection:
+        connection.execute("DROP TABLE adapter_tags")
+    connection.close()
+    url = f"sqlite:///{copy}"
+    for args in (["list"], ["show", "k1"], ["verify"]):
+        result = CliRunner().invoke(main, ["--db", url, *args])
+        assert (result.exit_code, result.stderr) == (6, (
+            f"error: the registry at {url} failed: no such table: adapter_tags (is its database damaged? restore it "
+            "from a backup)\n")), (args, result.output, result.exception)
+    damaged = bytearray(database.read_bytes())
+    for page in range(2, len(damaged) // 4096):  # every page past the first (the schema's)
+        damaged[page * 4096 + 100:page * 4096 + 300] = b"\xa5" * 200
+    (tmp_path / "damaged.db").write_bytes(bytes(damaged))
+    url = f"sqlite:///{tmp_path / 'damaged.db'}"
+    for args in (["list"], ["verify"]):
+        result = CliRunner().invoke(main, ["--db", url, *args])
+        assert result.exit_code == 6 and result.stderr.count("\n") == 1, (args, result.output, result.exception)
+        assert "database disk image is malformed" in result.stderr, result.stderr

@@ -370,6 +370,11 @@ class LoraopsGroup(click.Group):
 
                 # the library says what ran out where (settings.device_memory); this is for a path it does not cover
                 error = out_of_memory(exc)
+                if error is None and type(exc).__module__.partition(".")[0] in ("sqlite3", "psycopg", "sqlalchemy"):
+                    from ..registry.db import failed
+                    from ..settings import db_url
+
+                    error = failed(exc, db_url())
                 if error is None:
                     raise
                 fail(str(error), error.exit_code)

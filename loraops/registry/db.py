@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 import time
 import warnings
@@ -18,7 +19,7 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import SAWarning
+from sqlalchemy.exc import DBAPIError, SAWarning
 
 from .. import settings
 from ..errors import RegistryError
@@ -455,6 +456,18 @@ def cannot_open(url, exc: BaseException) -> RegistryError:
     """The one line for a registry that cannot be reached or opened (its URL, a string or a SQLAlchemy URL, shown
     without its password)."""
     return RegistryError(f"cannot open the registry at {_safe_url(parse_url(url))}: {_first_line(exc)}")
+
+
+def failed(exc: BaseException, url: str) -> RegistryError | None:
+    """The one line for a database error that escaped a read (a page damaged by a crash or a bad disk, a table gone):
+    the driver's own (sqlite3, psycopg) or SQLAlchemy's wrapping of it, which opening the registry did not meet; None
+    for any other exception. It was a traceback from `list`, `show`, `verify`, `gc` (writes say what they could not
+    do: Registry.write)."""
+    drivers = tuple(getattr(sys.modules.get(name), "DatabaseError", None) for name in ("sqlite3", "psycopg"))
+    if not isinstance(exc, (DBAPIError, *(d for d in drivers if d is not None))):
+        return None
+    return RegistryError(f"the registry at {_safe_url(parse_url(url))} failed: {_first_line(exc)} (is its database "
+                         "damaged? restore it from a backup)")
 
 
 def _first_line(exc: BaseException) -> str:
