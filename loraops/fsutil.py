@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import sys
 import threading
 import uuid
@@ -54,6 +55,26 @@ def existing_path(path: str | Path) -> Path:
     return Path(path)
 
 
+SMALL_FILE_LIMIT = 100 * 2**20
+"""The most a file read whole may hold (a config.json, an index, a recipe): a safetensors header's own limit. The
+largest real ones are a few MB (a many-expert MoE's index)."""
+
+
+def read_small_file(path: str | Path, what: str, name: str | None = None) -> bytes:
+    """The bytes of a file loraops reads whole (``what``: "model config", "recipe"…): a FIFO, socket or device there
+    is refused before it is opened (a FIFO blocked forever, a link to /dev/zero filled memory), and so is a file over
+    SMALL_FILE_LIMIT, each one FormatError line. ``name``: how the message names the file (default: its path).
+    OSError where it cannot be read (missing, unreadable), for the caller to say."""
+    name = name or str(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise FormatError(f"{name}: not a regular file (a FIFO, a socket or a device), so no {what}")
+    with open(path, "rb") as file:
+        data = file.read(SMALL_FILE_LIMIT + 1)
+    if len(data) > SMALL_FILE_LIMIT:
+        raise FormatError(f"{name}: over {SMALL_FILE_LIMIT // 2**20} MiB, too large for a {what}")
+    return data
+
+
 def read_json(path: str | Path, what: str, *, name: str | None = None, refuse_surrogates: bool = True) -> dict:
     """The JSON object in a file of a model (its config.json, its safetensors index; one from the Hub): one line
     (FormatError) where it is unreadable, no JSON (also a number past Python's 4300-digit limit, or nesting past its
@@ -62,7 +83,9 @@ def read_json(path: str | Path, what: str, *, name: str | None = None, refuse_su
     path)."""
     name = name or str(path)
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_small_file(path, what, name).decode())
+    except FormatError:  # (a ValueError, as the number-of-digits one below)
+        raise
     except json.JSONDecodeError as exc:
         raise FormatError(f"{name}: {what} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except UnicodeDecodeError:

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from .fsutil import read_small_file
+
 UNET_PREFIX = "model.diffusion_model."
 RESNET = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -334,8 +336,8 @@ def transformer_class(pipeline: Path) -> str | None:
     ``transformer_2/``), or None: no such folder or file, or not a readable one."""
     for file in (pipeline / "transformer" / "config.json", pipeline / "config.json"):
         try:
-            config = json.loads(file.read_text())
-        except (OSError, ValueError):
+            config = json.loads(read_small_file(file, "model config"))
+        except (OSError, ValueError):  # (FormatError, a ValueError, too)
             continue
         name = config.get("_class_name") if isinstance(config, dict) else None
         return name if isinstance(name, str) else None

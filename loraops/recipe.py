@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InvalidInputError
-from .fsutil import path_exists
+from .fsutil import path_exists, read_small_file
 from .references import PATH, WEIGHT, argument, is_finite
 from .st import dtype_name
 
@@ -146,7 +146,7 @@ def read_recipe(path: str | Path, base_folders: Callable[[str], list[str]] | Non
     import yaml
 
     try:
-        text = Path(argument(path, "path", *PATH)).read_text(encoding="utf-8")
+        text = read_small_file(argument(path, "path", *PATH), "recipe").decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc})") from None
     try:

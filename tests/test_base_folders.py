@@ -272,3 +272,58 @@ def test_a_dangling_link_the_folder_would_never_read_goes_unsaid(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0 and "note" not in result.output, result.output
     assert BaseModel.open(model).files == [model / "model.safetensors"]
+
+
+def test_a_side_file_that_is_a_fifo_a_device_or_huge_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A base's config.json or index, or a recipe, were read whole with read_text: a FIFO there blocked forever, a
+    link to /dev/zero filled memory (the OOM killer, or a MemoryError traceback). Refused before they are opened
+    (fsutil.read_small_file), as the weights files are; a file past its limit is refused too. (A writer thread feeds
+    the FIFOs after a while, so a reader that opens one fails this test instead of hanging it.)"""
+    import os
+    import shutil
+    import threading
+
+    from click.testing import CliRunner
+
+    from loraops import fsutil
+    from loraops.cli import main
+    from tests.factories import tiny_llama
+
+    folder = tiny_llama(tmp_path / "m")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    fifo, device, index = tmp_path / "fifo", tmp_path / "device", tmp_path / "index"
+    for copy in (fifo, device, index):
+        shutil.copytree(folder, copy)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    (device / "config.json").unlink()
+    (device / "config.json").symlink_to("/dev/null")
+    (index / "model.safetensors").rename(index / "model-00001-of-00001.safetensors")
+    os.mkfifo(index / "model.safetensors.index.json")
+    recipe = tmp_path / "recipe.yml"
+    os.mkfifo(recipe)
+
+    def feed(path):  # (blocks until a reader opens it: only a regressed reader ever does)
+        with open(path, "w") as writer:
+            writer.write("{not json")
+
+    for path in (fifo / "config.json", index / "model.safetensors.index.json", recipe):
+        threading.Thread(target=feed, args=(path,), daemon=True).start()
+    cases = [(["base", "add", fifo], fifo / "config.json", "model config"),
+             (["merge", adapter, "--into", fifo, "-o", tmp_path / "out", "--no-record"], fifo / "config.json",
+              "model config"),
+             (["base", "add", device], device / "config.json", "model config"),
+             (["check", adapter, "--base", index], index / "model.safetensors.index.json", "safetensors index"),
+             (["combine", "--recipe", recipe], recipe, "recipe")]
+    for args, path, what in cases:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert (result.exit_code, result.stderr) == (
+            2, f"error: {path}: not a regular file (a FIFO, a socket or a device), so no {what}\n"), args
+    monkeypatch.setattr(fsutil, "SMALL_FILE_LIMIT", 2**20)
+    (folder / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text())
+                                                   | {"padding": "x" * 2**20}))
+    result = CliRunner().invoke(main, ["base", "add", str(folder)])
+    assert (result.exit_code, result.stderr) == (
+        2, f"error: {folder / 'config.json'}: over 1 MiB, too large for a model config\n")
+    assert not (tmp_path / "out").exists()
+    assert json.loads(CliRunner().invoke(main, ["base", "list", "--json"]).output) == []
