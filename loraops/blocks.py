@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
 from .lazy import LazyModule
-from .references import argument, is_finite, parse_number
+from .references import WEIGHT, argument, checked_weight, is_finite, parse_number
 
 if TYPE_CHECKING:
     from . import adapter as adapter_module
@@ -109,8 +109,9 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
     if drawn := next((part for part in parts if part in ("R", "U") or part.startswith("X")), None):
         raise InvalidInputError(f"block weights {text!r}: {drawn!r} is the LoRA Block Weight extension's random (R, U) "
                                 "or prompt's (X) weight, which a merge cannot reproduce: give numbers")
-    try:
-        weights = tuple(parse_number(part) for part in parts)
+    try:  # (each as a :WEIGHT is read: one written nonzero is no subnormal, which merged as no weight)
+        weights = tuple(checked_weight(part, parse_number(part), nonzero=re.search("[1-9]", WEIGHT.fullmatch(
+            part)[1]) is not None) for part in parts)
     except InvalidInputError as exc:
         raise InvalidInputError(f"block weights {text!r}: {exc}") from None
     if len(weights) not in LAYOUTS:
@@ -194,7 +195,10 @@ def checked(weights: "str | Sequence[float]") -> tuple[float, ...]:
         raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
     if len(weights) not in LAYOUTS:
         raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")
-    return tuple(float(w) for w in weights)
+    try:
+        return tuple(checked_weight(w, w, nonzero=w != 0) for w in weights)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"block weights {list(weights)!r}: {exc}") from None
 
 
 def recorded(weights: "Sequence[float] | None") -> list[float] | None:

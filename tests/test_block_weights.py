@@ -96,6 +96,18 @@ def test_bad_lists_are_refused(text):
         parse_block_weights(text)
 
 
+@pytest.mark.parametrize("weight", ["1e-40", "-1e-400", 1e-40])
+def test_a_subnormal_block_weight_is_refused_as_a_weight_is(weight):
+    """A :WEIGHT that is not 0 but below float32's smallest normal number is refused (it merged as no adapter); the
+    same value as a block weight was taken, and the merge said its tensors were merged while none changed. A weight
+    written as 0 (0, 0.0, 0e5) is a weight."""
+    from loraops.blocks import checked
+
+    with pytest.raises(InvalidInputError, match="not 0 but below float32's smallest normal number"):
+        checked(f"{weight},{'1,' * 15}1" if isinstance(weight, str) else [weight, *[1.0] * 16])
+    assert parse_block_weights("0,0.0,0e5," + "1," * 13 + "1")[:3] == (0.0, 0.0, 0.0)
+
+
 def test_parse_sd_scripts_spelling():
     assert parse_block_weights("[" + ", ".join(["0.5"] * 17) + "]") == (0.5,) * 17
     assert parse_block_weights(",".join(["-1"] * 20)) == (-1.0,) * 20
