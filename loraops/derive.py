@@ -10,7 +10,6 @@ read as a path; anything else is looked up in the registry (name, name@version, 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -19,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra, blocks
-from .errors import (AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
+from .errors import (AmbiguousError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
                      NotFoundError, reworded)
 from .formats import refuse_unwritable
 from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
-from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
+from .fsutil import atomic_path, copy_file, disk_named, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import PATH, argument, refuse_output_over, weighted_inputs
 from .st import dtype_name
@@ -410,8 +409,9 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                     take_back(reg, registration)
             if isinstance(exc, LoraopsError):  # said of the output asked for, or of the result by name: never the scratch
                 raise reworded(exc, str(written_at), str(final) if final is not None else name) from exc.__cause__
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
-                raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
+            if isinstance(exc, OSError):  # (a write that fills the disk names no file: say which disk)
+                with disk_named(filling):
+                    raise
             raise
         finally:  # (also of a Ctrl-C between the rename and the lines after it: the inputs_of that kept its inputs)
             if staged_id is not None and _file_id(final) == staged_id:  # (as the summary says: cli.algebra.echo_saved)
@@ -596,7 +596,8 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
         if base is None and path_exists(ref):  # (a registered adapter takes --base only once recorded against it)
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
-    written = write_adapter(adapter, output, fmt, force=force, dtype=dtype)
+    with disk_named(Path(output).parent):  # (it said only "No space left on device", as no other writer did)
+        written = write_adapter(adapter, output, fmt, force=force, dtype=dtype)
     return ExportReport(ref=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
                         left_out=list(left_out))
 

@@ -406,6 +406,18 @@ def human_bytes(count: float, places: int = 1) -> str:
         count /= 1024
 
 
+@contextlib.contextmanager
+def disk_named(folder: str | Path) -> Iterator[None]:
+    """A write that fills the disk names no file (OSError ENOSPC, "No space left on device"): say which disk, as one
+    DiskSpaceError line (exit 5) naming ``folder``, where the result was going."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or isinstance(exc, DiskSpaceError):
+            raise
+        raise DiskSpaceError(f"{folder}: not enough free disk for the result ({exc.strerror})") from None
+
+
 def ensure_free_space(folder: Path, needed: int, what: str) -> None:
     """Refuse up front when ``folder``'s filesystem has less than ``needed`` bytes free."""
     folder = Path(folder)

@@ -423,6 +423,26 @@ def test_a_full_disk_names_the_file_system_that_filled(tmp_path, monkeypatch, fu
         assert "c" not in {r.name for r in reg.list_adapters()}
 
 
+def test_export_on_a_full_disk_names_where_it_was_writing(tmp_path, monkeypatch):
+    """export's write on a full disk said only 'No space left on device', where every other writer names the
+    folder (fsutil.disk_named)."""
+    import errno
+
+    from loraops.errors import DiskSpaceError
+
+    a, _ = two_inputs(tmp_path, "kohya")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("loraops.formats.write", no_space)
+    output = tmp_path / "out" / "e.safetensors"
+    with pytest.raises(DiskSpaceError, match=f"^{output.parent}: not enough free disk for the result \\(No space "
+                                             "left on device\\)$") as caught:
+        derive.export(str(a), "kohya", str(output))
+    assert caught.value.exit_code == 5 and not output.exists()
+
+
 @pytest.mark.registry_backend
 def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):
     """``register_adapter(written=...)`` skips the NaN check and the re-hash only for what it vouches for: a Written of
