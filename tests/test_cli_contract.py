@@ -956,6 +956,20 @@ def test_a_report_that_cannot_be_written_says_stdout_and_what_landed(tmp_path, k
     assert full("list") == "error: stdout: No space left on device\n"
 
 
+def test_control_characters_in_paths_are_shown_escaped_in_tables_and_summaries(tmp_path, kohya):
+    """A newline or an ESC in a file name is escaped in error lines; `show`, `list` and export's `wrote` printed them
+    raw: a path broken over two lines, a terminal's colours switched by a name."""
+    named = tmp_path / "new\nline.safetensors"
+    named.write_bytes(kohya.read_bytes())
+    cli("register", named, "--name", "nl")
+    shown = cli("show", "nl").stdout
+    assert f"source          {tmp_path}/new\\nline.safetensors\n" in shown and "\x1b" not in shown
+    out = tmp_path / "a\x1b[31mb.safetensors"
+    assert cli("export", "nl", "--format", "kohya", "-o", out).stdout == (
+        f"wrote {tmp_path}/a\\x1b[31mb.safetensors\n")
+    assert all(line.isprintable() for line in cli("list").stdout.splitlines())
+
+
 def _single_file_base(tmp_path) -> Path:
     """A one-tensor single-file model the kohya fixture fits (its q_proj)."""
     from loraops import st

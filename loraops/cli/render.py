@@ -10,6 +10,7 @@ from ..adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NOTES, PRODUCT_NOTES
 from ..adapter import METHOD_NAMES as METHODS  # noqa: F401 - list and register say it
 from ..adapter import PRODUCT_NAMES as PRODUCTS  # noqa: F401 - list and register say it
 from ..fsutil import human_bytes  # noqa: F401 - the commands' sizes
+from . import one_line
 
 
 def to_jsonable(value: Any) -> Any:
@@ -34,8 +35,9 @@ def json_option(what: str):
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A plain left-aligned text table (numbers right-aligned)."""
-    rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    """A plain left-aligned text table (numbers right-aligned), each cell on its line: a control character in it (a
+    newline or an ESC in a file name) shown escaped, as in error lines."""
+    rows = [["" if cell is None else one_line(str(cell)) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -133,10 +135,10 @@ def rank_alpha(record) -> tuple[str, str]:
 
 
 def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
-    """Aligned `key  value` lines."""
+    """Aligned `key  value` lines, a value's control characters shown escaped (as table's cells)."""
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        click.echo(f"{key.ljust(width)}  {value}")
+        click.echo(f"{key.ljust(width)}  {one_line(str(value))}")
 
 
 def layer_kind(kind: str, kernel: Sequence[int] | None) -> str:
