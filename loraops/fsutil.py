@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import functools
 import glob
@@ -300,7 +301,9 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
             tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
-        if os.path.lexists(path) and (is_dir or (path.is_dir() and not path.is_symlink())):
+        if not force:  # (what another run landed there meanwhile is refused, as it was at the start, not replaced)
+            rename_new(tmp, path)
+        elif os.path.lexists(path) and (is_dir or (path.is_dir() and not path.is_symlink())):
             from .landing import interrupts_deferred
 
             # rename(2) puts no folder over a file (ENOTDIR: --force over a file failed) nor over a folder: the
@@ -327,6 +330,33 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
     if keep_name:
         with contextlib.suppress(OSError):  # empty now: the output landed whatever this does
             holder.rmdir()
+
+
+RENAME_NOREPLACE = 1
+
+
+def rename_new(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, which must not exist: ConflictError (refuse_existing's) where it does. Two runs
+    writing the same new output both passed the check at their start, and the later rename replaced the earlier's
+    output, both saying they wrote it. Atomic where the kernel and file system can (renameat2 RENAME_NOREPLACE: Linux
+    3.15+, ext4, xfs, btrfs, tmpfs); elsewhere (another OS, a file system that refuses the flag) checked just before
+    the rename, which narrows the race to that moment."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_cwd = -100
+        if renameat2(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error == errno.EEXIST:
+            refuse_existing(target)
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # (unsupported here: the fallback below)
+            raise OSError(error, os.strerror(error), str(source), None, str(target))
+    refuse_existing(target)
+    os.rename(source, target)
 
 
 @contextlib.contextmanager

@@ -386,3 +386,30 @@ def test_stale_temps_of_another_output_are_left_alone(tmp_path, out_name, other_
         os.utime(path, (0, 0))
     assert fsutil.remove_stale_temps(tmp_path / out_name) == [stale]
     assert other.exists() and not stale.exists()
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+@pytest.mark.parametrize("is_dir", [False, True])
+def test_an_output_another_run_landed_meanwhile_is_refused_not_replaced(tmp_path, monkeypatch, is_dir, atomic):
+    """Two runs writing the same new output (no --force) both passed the check at their start; the later one's
+    rename replaced the earlier one's output (a folder was moved aside), and both said they wrote it. The later one
+    is refused now, its temporary removed, the other's output untouched: atomically by renameat2 RENAME_NOREPLACE,
+    or (``atomic`` False: no such call) by a check just before the rename."""
+    from loraops.errors import ConflictError
+
+    if not atomic:
+        monkeypatch.setattr(fsutil.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    output = tmp_path / ("out" if is_dir else "out.safetensors")
+    with pytest.raises(ConflictError, match=f"^{output}: already exists \\(use --force to replace it\\)$"):
+        with fsutil.atomic_path(output, is_dir=is_dir) as tmp:
+            (tmp / "model.safetensors" if is_dir else tmp).write_bytes(b"mine")
+            if is_dir:  # the other run lands first
+                output.mkdir()
+                (output / "model.safetensors").write_bytes(b"theirs")
+            else:
+                output.write_bytes(b"theirs")
+    assert (output / "model.safetensors" if is_dir else output).read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]
+    with fsutil.atomic_path(tmp_path / "new", is_dir=True) as tmp:  # (a new output still lands)
+        (tmp / "x").write_bytes(b"x")
+    assert (tmp_path / "new" / "x").read_bytes() == b"x"
