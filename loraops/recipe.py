@@ -175,8 +175,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
             raise refuse(f"unknown key {key!r} (a recipe takes merge_method, models, parameters, base_model, dtype, "
                          "out_dtype)")
     name = data.get("merge_method")
-    if not isinstance(name, str):
-        raise refuse("merge_method is missing (give one of " + ", ".join(METHODS) + ")")
+    if not isinstance(name, str):  # (one given as 7 or [ties] was said to be missing)
+        said = "is missing" if name is None else f"{name!r} is not a method's name"
+        raise refuse(f"merge_method {said} (give one of " + ", ".join(METHODS) + ")")
     spec = METHODS.get(name)
     if spec is None:
         from .algebra import MERGEKIT_ONLY

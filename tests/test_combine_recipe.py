@@ -139,6 +139,8 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
                             "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
+    ({**TIES, "merge_method": 7}, "r: merge_method 7 is not a method's name (give one of "),  # (it was "missing")
+    ({**TIES, "merge_method": ["ties"]}, "r: merge_method ['ties'] is not a method's name (give one of "),
     ({**TIES, "merge_method": "passthrough"}, "r: merge_method 'passthrough' is not supported for LoRA adapters (use "
                                               "one of "),
     # mergekit's whole-weight methods say why, and what interpolates task vectors instead

@@ -724,6 +724,7 @@ def test_an_alpha_override_of_zero_recorded_before_is_still_read_as_recorded(art
     ("", "bad tag '': a tag is one word of at most 255 characters"),
     ("  ", "bad tag '  ': a tag is one word of at most 255 characters"),
     ("two words", "bad tag 'two words': a tag is one word of at most 255 characters"),
+    ("a\x7fb", "bad tag 'a\\x7fb': a tag is one word of at most 255 characters"),  # (a DEL was taken)
 ])
 def test_a_tag_with_a_comma_or_no_word_is_refused(art, tag, says):
     """`list` prints an adapter's tags comma-joined and `list --tag` matches one whole tag: a tag 'a,b' was shown as

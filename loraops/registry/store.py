@@ -1293,7 +1293,7 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     out = []
     for given in tags:
         tag = given.strip() if isinstance(given, str) else ""  # (a tag 1 was a raw AttributeError)
-        if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
+        if not tag or len(tag) > 255 or not tag.isprintable() or any(c.isspace() for c in tag):  # (a DEL was taken)
             raise InvalidInputError(f"bad tag {given!r}: a tag is one word of at most 255 characters")
         if "," in tag:
             raise InvalidInputError(f"bad tag {given!r}: a tag holds no comma (`list` joins tags with commas); give "
