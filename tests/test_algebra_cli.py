@@ -284,6 +284,9 @@ def test_a_failed_registration_leaves_no_output(files, tmp_path, monkeypatch, co
             return real_replace(src, dst)
 
         monkeypatch.setattr(fsutil.os, "replace", replace)
+        real_rename_new = fsutil.rename_new  # (a new output's rename: fsutil.rename_new, no os.replace)
+        monkeypatch.setattr(fsutil, "rename_new", lambda src, dst: replace(src, dst) if str(dst) == str(out) else
+                            real_rename_new(src, dst))
     else:
         real_register = Registry.register_adapter
 

@@ -932,10 +932,16 @@ def test_paths_that_are_not_utf8_are_refused_in_one_line_with_nothing_written(re
     assert (odd / "m4" / "model.safetensors").is_file() and snapshot(reg) == before
 
 
-def test_text_that_is_not_utf8_is_refused_by_the_write_itself(reg, art):
-    """The registry's own guard (Registry.write), behind the paths' (refuse_unrecordable, above): other text from the
-    command line, such as a tag from argv with bytes that are not UTF-8, was the driver's UnicodeEncodeError."""
+def test_text_that_is_not_utf8_is_refused_by_the_write_itself(reg, art, monkeypatch):
+    """The registry's own guard (Registry.write), behind the paths' (refuse_unrecordable, above) and the tags' (a tag
+    is printable: clean_tags, bypassed here): other text from the command line, such as a tag from argv with bytes
+    that are not UTF-8, was the driver's UnicodeEncodeError."""
+    from loraops.registry import store
+
     before = snapshot(reg)
+    with pytest.raises(InvalidInputError, match=r"^bad tag 't\\udcff'"):
+        reg.register_adapter(art["kohya"], tags=[os.fsdecode(b"t\xff")])
+    monkeypatch.setattr(store, "clean_tags", list)
     with pytest.raises(InvalidInputError) as err:
         reg.register_adapter(art["kohya"], tags=[os.fsdecode(b"t\xff")])
     assert str(err.value) == ("could not register 'style': it holds text that is not UTF-8 ('t\\udcff'), which the "
