@@ -458,6 +458,7 @@ def combine(
         if block_weights is not None:
             inputs = [replace(i, adapter=blocks.block_weighted(i.adapter, weights, i.record.ref))
                       for i, weights in zip(inputs, block_weights, strict=True)]
+        inputs = [without_saved_layers(reg, i) for i in inputs]
         written = fmt or algebra.combined_format(i.adapter.format for i in inputs)
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
@@ -516,6 +517,18 @@ def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:
             raise MismatchError(f"the combination has lora_bias (PEFT's one switch: an input has it), which module "
                                 f"{name!r} cannot have on base {base_name}: {why}; combine the inputs with and "
                                 "without lora_bias apart, or merge them in turn")
+
+
+def without_saved_layers(reg: "Registry", entry: Input) -> Input:
+    """A combine input without the PEFT saved embedding layers that hold its base's values (a LoRA on the embeddings
+    saves them by default): they replace nothing, and combine refuses full tensors, so such an adapter could not be
+    combined at all. Said in a note."""
+    adapter, same = unchanged_layers_left_out(reg, entry.adapter, entry.record.base.id if entry.record.base else None)
+    if same:
+        logging.getLogger("loraops").info(
+            f"left out {entry.record.ref}'s {', '.join(same)}: PEFT's saved embedding layer (save_embedding_layers), "
+            "its base's own values, which replace nothing")
+    return replace(entry, adapter=adapter)
 
 
 def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
@@ -675,20 +688,27 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
                              base: str | None) -> tuple["Adapter", list[str]]:
     """``adapter`` without the PEFT saved embedding layers that hold the base's values, which a kohya or diffusers
     file cannot hold and which carry nothing; refused when any full tensor is left (formats.refuse_full_tensors)."""
-    from .formats.peft import refuse_full_tensors, saved_layer_tensors
+    from .formats.peft import refuse_full_tensors
 
-    if not adapter.full_tensors:
-        return adapter, []
-    same = []
-    if base is not None and saved_layer_tensors(adapter) & adapter.full_tensors.keys():
-        from .basemodel import BaseModel
-        from .engine import unchanged_saved_layers
-
-        same = unchanged_saved_layers(BaseModel.open(reg.base_path(base)), adapter)
-    adapter = replace(adapter, full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in same})
+    adapter, same = unchanged_layers_left_out(reg, adapter, base)
     if adapter.full_tensors:
         refuse_full_tensors(adapter, fmt, base=base)
     return adapter, same
+
+
+def unchanged_layers_left_out(reg: "Registry", adapter: "Adapter", base: "str | int | None") -> tuple["Adapter", list[str]]:
+    """(``adapter`` without its PEFT saved embedding layers that hold the values of ``base`` (a registered base; None:
+    none is known, nothing left out), the names left out): saved whole beside a LoRA on the embeddings
+    (save_embedding_layers, on by default there), they replace nothing."""
+    from .formats.peft import saved_layer_tensors
+
+    if base is None or not saved_layer_tensors(adapter) & adapter.full_tensors.keys():
+        return adapter, []
+    from .basemodel import BaseModel
+    from .engine import unchanged_saved_layers
+
+    same = unchanged_saved_layers(BaseModel.open(reg.base_path(base)), adapter)
+    return replace(adapter, full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in same}), same
 
 
 @contextlib.contextmanager

@@ -101,3 +101,37 @@ def test_kohya_export_leaves_out_a_bert_head_bias_saved_unchanged(tmp_path):
     result = run("export", tmp_path / "a", "--format", "kohya", "-o", out, "--base", "bert")
     assert "cls.predictions.bias" in result.output and "left out" in result.output
     assert not formats.read_adapter(out).full_tensors
+
+
+@pytest.mark.registry_backend
+def test_combine_leaves_out_unchanged_saved_layers_and_refuses_changed_ones(tmp_path, saved):
+    """combine refuses full tensors, so two adapters with a LoRA on the embeddings, saved as PEFT saves them by
+    default, could not be combined at all (PEFT's add_weighted_adapter combines them). The saved layers that hold the
+    inputs' base's values are left out (a note says so); the combination merges as the inputs do, and PEFT loads it.
+    One that differs from the base is still refused; an input with no base cannot tell, and is refused as before."""
+    from peft import PeftModel
+
+    from factories import load_model
+
+    base, first = saved
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        second = peft_adapter(base, tmp_path / "emb2", target_modules=["embed_tokens", "q_proj"], seed=2)
+    run("register", first, "--base", "tiny", "--name", "e1")
+    run("register", second, "--base", "tiny", "--name", "e2")
+    result = run("combine", "e1:0.7", "e2:-0.4", "--method", "cat", "-o", tmp_path / "c")
+    assert result.output.count("note: left out e1@1's model.embed_tokens.weight: PEFT's saved embedding layer") == 1
+    assert "note: left out e2@1's model.embed_tokens.weight" in result.output
+    assert EMBED_LAYER not in load_file(tmp_path / "c" / "adapter_model.safetensors")
+    run("merge", "e1:0.7", "e2:-0.4", "--into", base, "-o", tmp_path / "inputs", "--no-record")
+    run("merge", tmp_path / "c", "--into", base, "-o", tmp_path / "combined", "--no-record")
+    inputs, combined = merged_tensors(tmp_path / "inputs"), merged_tensors(tmp_path / "combined")
+    assert inputs.keys() == combined.keys()
+    for name in inputs:
+        torch.testing.assert_close(combined[name], inputs[name], rtol=1e-5, atol=1e-5)  # (cat's float32 factors)
+    PeftModel.from_pretrained(load_model(base), tmp_path / "c")  # (loads without the saved layer)
+    tensors = load_file(second / "adapter_model.safetensors")
+    tensors[EMBED_LAYER][3, 5] += 1
+    save_file(tensors, second / "adapter_model.safetensors", metadata={"format": "pt"})
+    run("register", second, "--base", "tiny", "--name", "changed")
+    refused = run("combine", "e1", "changed", code=2).output
+    assert refused.splitlines()[-1].startswith("error: changed@1 carries full replacement tensors")
