@@ -696,7 +696,8 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
     return adapter, same
 
 
-def unchanged_layers_left_out(reg: "Registry", adapter: "Adapter", base: "str | int | None") -> tuple["Adapter", list[str]]:
+def unchanged_layers_left_out(reg: "Registry", adapter: "Adapter",
+                              base: "str | int | None") -> tuple["Adapter", list[str]]:
     """(``adapter`` without its PEFT saved embedding layers that hold the values of ``base`` (a registered base; None:
     none is known, nothing left out), the names left out): saved whole beside a LoRA on the embeddings
     (save_embedding_layers, on by default there), they replace nothing."""

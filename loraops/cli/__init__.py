@@ -222,7 +222,7 @@ def system_error(exc: OSError, landed: Callable[[], str | None] = lambda: None) 
 
 
 def writing_stdout(exc: OSError) -> bool:
-    """Whether ``exc`` was raised writing to stdout: by click.echo to it (the frame it left from writes its ``file``)."""
+    """Whether ``exc`` was raised writing to stdout: by click.echo to it (the frame it left from writes ``file``)."""
     frame = exc.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next

@@ -62,8 +62,9 @@ def echo_saved(result, name: str | None) -> None:
     another, as `register` says it)."""
     record = result.adapter
     state = "registered" if result.new else "already registered as"
+    wrote = f"; wrote {one_line(result.output)}" if result.output else ""
     click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
-               f"{record.base.name if record.base else '-'}" + (f"; wrote {one_line(result.output)}" if result.output else "")
+               f"{record.base.name if record.base else '-'}" + wrote
                + ("" if result.new else not_again(name, record.name, "adapter")))
 
 
@@ -279,5 +280,6 @@ def export(ref, fmt, output, dtype, force, base, as_json) -> None:
         click.echo(f"left out {', '.join(report.left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
                    "base's own values, which replace nothing")
     plain = " and ".join(METHODS[m] for m in report.plain_lora_of)
-    click.echo(f"wrote {one_line(report.output)}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of "
-                                           "another identity; `register` it to record it)" if plain else ""))
+    note = (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of another identity; `register` it to "
+            "record it)") if plain else ""
+    click.echo(f"wrote {one_line(report.output)}{note}")
