@@ -543,7 +543,12 @@ def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_
     cli("register", art["ad1"], "--name", "chat", "--base", "llama-tiny")
     with Registry.open() as reg:
         stored = Path(reg.get_adapter("chat").path) / "adapter_model.safetensors"
-    data = bytearray(stored.read_bytes())
+    intact = stored.read_bytes()
+    data = bytearray(intact)
+    data[20] ^= 0x55  # in its header: `check`, which reads headers only, said the file was no safetensors file
+    stored.write_bytes(bytes(data))
+    assert "its stored copy" in cli("check", "chat", code=6).output
+    data = bytearray(intact)
     data[-1] ^= 0x01
     stored.write_bytes(bytes(data))
     out = art["dir"] / "damaged-merge"

@@ -846,7 +846,11 @@ class Registry:
                                             "adapter is read with the alpha it was registered with (register it "
                                             "again with `alpha` to change that)", ["alpha"])
                 self._refuse_damaged(row, contents=False)  # headers only: not hashed
-                adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
+                try:
+                    adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
+                except FormatError:  # (register read it: a stored copy changed since says so, as a load does)
+                    self._refuse_damaged(row)
+                    raise
             if base is not None and path_exists(base):
                 return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
                                       adapter.base_model)
