@@ -24,6 +24,10 @@ from safetensors.torch import load_file
 SEEDS = [1207, 1038, 2305, 1664, 1825, 3023, 1490, 1707, 2070, 1880, 1049]
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
+COMBINED = [2248, 3657, 3082, 2280, 1446, 3289, 1640, 1338, 1269, 1706, 1422, 1053, 1316, 1895, 2099, 2779, 2814]
+"""Cases combine takes (float32, no DoRA, no modules_to_save: combinable) that meet every pair of features among
+them (245 of 246: not lora_bias beside a LoRA on the head, which has no bias, which combine refuses as documented),
+chosen the same way."""
 
 
 def drawn(seed: int) -> tuple[dict, list[dict], list[float]]:
@@ -236,3 +240,51 @@ def test_merge_and_subtract_agree_with_peft(tmp_path, seed):
             delta = (merged - was.double()).abs()
             bound = 4e-7 * (was.double().abs() + delta + delta.max()) + 1e-9
         assert (error <= bound + 1e-12).all(), (name, float(error.max()))
+
+
+def combinable(seed: int) -> bool:
+    """A float32 case whose adapters combine (no DoRA, no modules_to_save: combine refuses both)."""
+    config, adapter_configs, _ = drawn(seed)
+    return config["dtype"] == torch.float32 and not any(c.get("use_dora") or c.get("modules_to_save")
+                                                        for c in adapter_configs)
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+@pytest.mark.parametrize("seed", COMBINED)
+def test_a_cat_or_linear_combination_merges_as_its_inputs(tmp_path, seed, method):
+    """The same cases combined as the CLI combines them (by path, against their registered base: PEFT's saved
+    embedding layers that hold the base's values left out) — cat: exactly Σ wᵢ·ΔWᵢ; linear: re-factorized, lossless
+    at the default rank — and written as PEFT: it fits the base, PEFT loads it, and merged it is the float64 merge of
+    the inputs (within float32's rounding of the factors, and linear's re-factorization: 1e-5 of the largest
+    change)."""
+    from loraops import derive, engine
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+    from loraops.formats import read_adapter
+    from loraops.registry import Registry
+
+    assert combinable(seed)
+    config, adapter_configs, weights = drawn(seed)
+    base = build_base(config, tmp_path / "base")
+    folders = [peft_adapter(base, tmp_path / f"a{i}", c, seed * 10 + i) for i, c in enumerate(adapter_configs)]
+    exact = peft_merged(base, folders, weights, torch.float64)
+    model = BaseModel.open(base)
+    with Registry.open() as reg:
+        reg.add_base(base, name="base")
+    derive.combine([(str(f), w) for f, w in zip(folders, weights, strict=True)], method, base="base",
+                   output=str(tmp_path / "combined"), fmt="peft", dtype="fp32", device="cpu")
+    adapter = read_adapter(tmp_path / "combined")
+    assert check(adapter, model).ok
+    engine.merge(model, [(adapter, 1.0)], tmp_path / "merged", device="cpu", fingerprint=False, progress=False)
+    ours, original = folder_tensors(tmp_path / "merged"), folder_tensors(base)
+    loaded = peft_merged(base, [tmp_path / "combined"], [1.0], torch.float64)  # (PEFT loads what was written)
+    for name, tensor in ours.items():
+        if not tensor.is_floating_point():
+            continue
+        change = (exact[name].double() - original[name].double()).abs().max()
+        for merged in (tensor.double(), loaded[name].double()):
+            error = (merged - exact[name].double()).abs()
+            scale = exact[name].double().abs().max()
+            assert (error <= 1e-5 * torch.maximum(exact[name].double().abs(), 0.05 * scale) + 1e-7 * scale
+                    + 1e-5 * change).all(), (name, float(error.max()), float(change))
+
