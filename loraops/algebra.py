@@ -380,7 +380,8 @@ def combine_lazily(
                 module.lora_bias = converted(bias, out_dtype)
             module = finite_module(what, module)
             records.append(CombineModuleRecord(name=name, rank=new_rank, spatial=template.spatial,
-                                               inputs=len(present[name]), svd=made.svd, error=made.error))
+                                               inputs=len(present[name]), svd=made.svd, error=made.error,
+                                               zero=not (made.B.any() and made.A.any())))
             del made, B, A  # not kept while the module is written
             yield from raw.split_joined(module, halves)
 

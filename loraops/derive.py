@@ -485,6 +485,10 @@ def combine(
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
         result = save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force,
                       base=base_id, lineage=lineage, dtype=dtype)
+    if all(module.zero for module in result.report.modules):  # (it was registered without a word)
+        logging.getLogger("loraops").info(
+            f"the {method} combination is zero in every module (every entry dropped, or the inputs cancel): merged, it "
+            "changes nothing")
     if block_weights is None:
         return result
     report = result.report.model_copy(update={"inputs": [

@@ -202,6 +202,8 @@ class CombineModuleRecord(Record):
     exact / randomized (SVD of the dense delta an element-wise method produced)."""
     error: float
     """Relative Frobenius error ‖D − B'A'‖/‖D‖ of the output factors against the method's exact result D."""
+    zero: bool = False
+    """The result is zero here (every entry dropped — a DARE density of 1e-30 — or the inputs cancel)."""
 
 
 class CombineReport(Record):

@@ -686,3 +686,22 @@ def test_a_ctrl_c_a_library_swallows_is_still_an_interruption(files, reg, tmp_pa
     assert code == 130 and error == f"error: interrupted after {out} was written in full and registered as " \
                                      "swallowed@1\n", error
     assert out.exists() and reg.get_adapter("swallowed")
+
+
+def test_a_combination_that_is_zero_everywhere_says_so(files, reg):
+    """A DARE density of 1e-30 drops every entry: the zero adapter was registered without a word. Each module's
+    record says whether it came out zero, and a combination zero in every module is said in a note."""
+    import json
+
+    a, b = files["a"], files["b"]
+    result = CliRunner().invoke(main, ["combine", str(a), str(b), "--method", "dare_linear", "--density", "1e-30",
+                                       "--name", "nothing", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["report"]["modules"] and all(
+        m["zero"] for m in json.loads(result.stdout)["report"]["modules"])
+    assert result.stderr.splitlines()[-1] == ("note: the dare_linear combination is zero in every module (every entry "
+                                              "dropped, or the inputs cancel): merged, it changes nothing")
+    result = CliRunner().invoke(main, ["combine", str(a), str(b), "--method", "dare_linear", "--density", "0.5",
+                                       "--json"])
+    assert result.exit_code == 0 and "zero in every module" not in result.stderr
+    assert not any(m["zero"] for m in json.loads(result.stdout)["report"]["modules"])
