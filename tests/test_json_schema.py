@@ -51,7 +51,8 @@ COMBINE = {"method": str, "params": dict, "rank": (int, None), "conv_rank": (int
            "inputs": [{"ref": str, "weight": float, "rank": (int, None), "modules": int,
                        "block_weights": ([float], None)}],
            "device": str, "precision": str,
-           "modules": [{"name": str, "rank": int, "spatial": bool, "inputs": int, "svd": str, "error": float}],
+           "modules": [{"name": str, "rank": int, "spatial": bool, "inputs": int, "svd": str, "error": float,
+                        "zero": bool}],
            "error_max": float, "error_mean": float, "parameters": int, "seconds": float}
 RESIZE = {"rank": (int, None), "dynamic": (str, None), "param": (float, None), "max_rank": (int, None),
           "conv_rank": (int, None), "device": str, "precision": str,
