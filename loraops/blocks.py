@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
+from .formats.common import overflows_float32
 from .lazy import LazyModule
 from .references import WEIGHT, argument, checked_weight, is_finite, parse_number
 
@@ -143,6 +144,9 @@ def block_weighted(adapter: "adapter_module.Adapter", weights: "str | Sequence[f
             raise InvalidInputError(f"{label} is an SD 1.x/2.x adapter (module {name!r} is in block {block}, which "
                                     f"SDXL lacks): give it 17 or 26 block weights, not {len(weights)}")
         weight = by_block.get(block, 1.0)
+        if overflows_float32(module.scale * weight):  # (the merge named the adapter's weight 1 and a huge "scale")
+            raise InvalidInputError(f"{label}: block weight {weight:g} of block {block} × scale {module.scale:g} of "
+                                    f"module {name!r} is beyond what float32 holds")
         modules[name] = module if weight == 1 else replace(module, scale=module.scale * weight)
     told = told_unet(adapter)
     if told not in (None, unet):

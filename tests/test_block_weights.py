@@ -256,6 +256,8 @@ def test_combine_cli_and_lineage(tmp_path):
     (["--block-weights", ",".join(["1"] * 17)], "1 lists of block weights for 2 adapters"),
     (["--block-weights", ",".join(["1"] * 18), "--block-weights", ",".join(["1"] * 18)], "18 numbers"),
     (["--block-weights", ",".join(["1"] * 20)] * 2, "SD 1.x/2.x adapter"),
+    # (it named the adapter's weight 1 and a "scale" of 5e+38, not the block weight typed)
+    (["--block-weights", "1," + "1e39," * 15 + "1"] * 2, "block weight 1e+39 of block IN01 × scale 0.5 of module"),
 ])
 def test_cli_refusals(tmp_path, args, message):
     a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
