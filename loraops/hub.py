@@ -140,8 +140,8 @@ def _parse_repo_id(text: str, ref: str) -> RepoRef:
 def good_revision(revision: str) -> bool:
     """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part, no '/' first (git's
     rules; its Hub cache ref, refs/<revision>, stays inside refs/)."""
-    return (bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
-            and not revision.startswith("/"))
+    return (isinstance(revision, str) and bool(revision) and revision == revision.strip()
+            and ".." not in revision.split("/") and not revision.startswith("/"))
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -893,6 +893,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ref = parse_repo_ref(repo_id)
+    if "/" not in ref.repo_id:  # (create_repo made it under the token's account, and the upload then failed)
+        raise InvalidInputError(f"{repo_id!r} is not a Hub repo id to push to: give owner/name", ["repo_id"])
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with `revision`, not @", ["revision"])
     if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
@@ -1322,8 +1324,9 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     for its top-level adapter, else with the adapter's path in the repo)."""
     from . import formats
     from .records import PullRecord
-    from .registry.store import check_name
+    from .registry.store import check_name, given
 
+    given(registry)
     ref, subpath = repo_and_path(ref, subpath)
     if revision is not None:
         ref = with_revision(ref, revision)
@@ -1427,8 +1430,9 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
 
     from . import formats
     from .records import PushRecord
+    from .registry.store import given
 
-    record = registry.get_adapter(ref)
+    record = given(registry).get_adapter(ref)
     argument(repo_id, "repo_id", str)
     fmt = fmt or record.format
     with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:

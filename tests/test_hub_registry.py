@@ -84,6 +84,26 @@ def test_push_then_pull_back_is_byte_identical(fake_hub, adapters, registry):
     assert folder_bytes(download.adapter_path) == {**stored, "README.md": remote["README.md"]}
 
 
+def test_wrong_arguments_are_refused_before_any_request(fake_hub, adapters, registry):
+    """A push to an id with no owner made the repo under the token's account (create_repo) and then failed with
+    'not found'; a registry= that is no Registry, or a revision that is no string, was a raw AttributeError."""
+    from loraops.errors import InvalidInputError
+
+    registry.add_adapter(adapters["a"], name="style")
+    with pytest.raises(InvalidInputError, match="^'bare' is not a Hub repo id to push to: give owner/name$"):
+        hub.push(registry, "style", "bare", token="hf_owner")
+    assert fake_hub.repos == {}
+    for call in (lambda: hub.pull(None, "me/x"), lambda: hub.push("sqlite:///x.db", "style", "me/x")):
+        with pytest.raises(InvalidInputError, match="^registry= takes a Registry"):
+            call()
+    for revision in (1, ["dev"]):
+        with pytest.raises(InvalidInputError, match="is no branch"):
+            hub.push(registry, "style", "me/x", revision=revision, token="hf_owner")
+        with pytest.raises(InvalidInputError, match="is no branch"):
+            hub.pull(registry, "me/x", revision=revision)
+    assert fake_hub.repos == {}
+
+
 def test_push_keeps_a_repos_own_readme_and_replaces_its_own_card(fake_hub, adapters, registry):
     """A push to an existing repo replaced its README.md — the owner's card, written by hand — with loraops's card,
     saying nothing (transformers' and PEFT's push_to_hub keep its text). It is kept, and the push says so; a card
