@@ -47,7 +47,7 @@ from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
-from .references import PATH, argument
+from .references import PATH, argument, name_list
 
 if TYPE_CHECKING:
     import torch
@@ -429,6 +429,7 @@ def extract_lazily(
     from .st import all_finite, read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
+    modules, save_modules = name_list(modules, "modules"), name_list(save_modules, "save_modules")
     given_alpha(alpha)  # (one beyond float32 was refused only at the end, naming a scratch file)
     base, tuned = _open(base, "base"), _open(tuned, "tuned")
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings

@@ -98,6 +98,18 @@ def checked_weight(item: object, weight: float, *, nonzero: bool) -> float:
     return weight
 
 
+def name_list(value: object, what: str) -> list[str] | None:
+    """A caller's list of names (``what``: the parameter; None: none given): a string is refused (iterated, each of its
+    characters was taken for a name: `modules m: no weight by that name`), and so is anything but strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise InvalidInputError(f"{what} is a list of names: give [{value!r}], not the string {value!r}", [what])
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInputError(f"{what} is a list of names, not {value!r}", [what])
+    return list(value)
+
+
 def is_pair(item: object) -> bool:
     """A (ref or Adapter, weight) pair as Python code gives one: a tuple, or a list (read from JSON or YAML)."""
     return isinstance(item, (tuple, list)) and len(item) == 2

@@ -719,3 +719,26 @@ def test_derive_takes_a_torch_dtype_as_its_annotations_say(tmp_path, monkeypatch
 
     for function in (derive.combine, derive.resize, derive.export, derive.extract):
         assert typing.get_type_hints(function)["dtype"] == str | torch.dtype | None, function.__qualname__
+
+
+def test_force_that_is_no_bool_and_names_given_as_one_string_are_refused(art, tmp_path):
+    """force="no" replaced an existing output (a non-empty string is truthy); extract's modules="a.b.c" was read
+    character by character (`modules m: … no weight by that name`), as save_modules was."""
+    import loraops
+    from loraops.formats import write_adapter
+
+    adapter = read_adapter(art["ad"])
+    out = tmp_path / "out"
+    write_adapter(adapter, out, "peft")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for force in ("no", 1, None):
+        with pytest.raises(InvalidInputError, match="^force takes True or False, not "):
+            write_adapter(adapter, out, "peft", force=force)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    write_adapter(adapter, out, "peft", force=True)
+    for name in ("modules", "save_modules"):
+        with pytest.raises(InvalidInputError, match=f"^{name} is a list of names: give \\['model.norm'\\], not the "
+                                                    "string 'model.norm'"):
+            loraops.extract(art["base"], art["base"], rank=2, **{name: "model.norm"})
+        with pytest.raises(InvalidInputError, match=f"^{name} is a list of names, not 5"):
+            loraops.extract(art["base"], art["base"], rank=2, **{name: 5})
