@@ -67,6 +67,9 @@ def test_tags_given_as_one_string_are_refused(art):
     with Registry.open() as reg:
         with pytest.raises(InvalidInputError, match=r"give \['chat'\]"):
             reg.add_adapter(art["ad"], tags="chat")
+        for tags in ({"chat": 1}, b"chat"):  # (a dict's keys were taken for the tags)
+            with pytest.raises(InvalidInputError, match="^tags is a list of tags, not "):
+                reg.add_adapter(art["ad"], tags=tags)
         assert reg.list_adapters() == []
         reg.add_adapter(art["ad"], tags=["chat"])
         with pytest.raises(InvalidInputError, match=r"give \['style'\]"):

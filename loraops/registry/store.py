@@ -1292,7 +1292,7 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     --tag b found."""
     if isinstance(tags, str):  # iterating it tagged 'chat' as c, h, a, t
         raise InvalidInputError(f"tags is a list of tags: give [{tags!r}], not the string {tags!r}")
-    if not isinstance(tags, Iterable):
+    if not isinstance(tags, Iterable) or isinstance(tags, (dict, bytes)):  # (a dict's keys were taken for the tags)
         raise InvalidInputError(f"tags is a list of tags, not {tags!r}")
     out = []
     for given in tags:
