@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from .errors import InvalidInputError
 from .formats.common import overflows_float32
 from .lazy import LazyModule
-from .references import WEIGHT, argument, checked_weight, is_finite, parse_number
+from .references import argument, checked_weight, is_finite, parse_number, written_nonzero
 
 if TYPE_CHECKING:
     from . import adapter as adapter_module
@@ -111,8 +111,7 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
         raise InvalidInputError(f"block weights {text!r}: {drawn!r} is the LoRA Block Weight extension's random (R, U) "
                                 "or prompt's (X) weight, which a merge cannot reproduce: give numbers")
     try:  # (each as a :WEIGHT is read: one written nonzero is no subnormal, which merged as no weight)
-        weights = tuple(checked_weight(part, parse_number(part), nonzero=re.search("[1-9]", WEIGHT.fullmatch(
-            part)[1]) is not None) for part in parts)
+        weights = tuple(checked_weight(part, parse_number(part), nonzero=written_nonzero(part)) for part in parts)
     except InvalidInputError as exc:
         raise InvalidInputError(f"block weights {text!r}: {exc}") from None
     if len(weights) not in LAYOUTS:

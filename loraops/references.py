@@ -54,11 +54,16 @@ def parse_weighted(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if not sep or not head or path_exists(text):
         return text, 1.0
-    if written := WEIGHT.fullmatch(tail):
-        return head, checked_weight(text, float(tail), nonzero=re.search("[1-9]", written[1]) is not None)
+    if WEIGHT.fullmatch(tail):
+        return head, checked_weight(text, float(tail), nonzero=written_nonzero(tail))
     if _python_number(tail) or DECIMAL_COMMA.fullmatch(tail) or path_exists(head):
         raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
+
+
+def written_nonzero(text: str) -> bool:
+    """Is the number ``text`` (written as WEIGHT takes it) nonzero as written: '1e-400' is, though float() reads 0."""
+    return re.search("[1-9]", WEIGHT.fullmatch(text)[1]) is not None
 
 
 def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]],
