@@ -18,7 +18,7 @@ from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError, ParameterError
 from .lazy import LazyModule
-from .references import is_integer
+from .references import flags_checked, is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeModuleRecord, ResizeReport
 from .st import dtype_name
 
@@ -255,6 +255,7 @@ def combined_format(formats: Iterable[str]) -> str:
     return formats.pop() if len(formats) == 1 else "peft"
 
 
+@flags_checked
 def combine_lazily(
     inputs: Sequence[tuple[Adapter, float]],
     method: str,
@@ -549,6 +550,7 @@ def resize(adapter: Adapter, **options) -> tuple[Adapter, ResizeReport]:
     return resize_lazily(adapter, **options).collect()
 
 
+@flags_checked
 def resize_lazily(
     adapter: Adapter,
     rank: int | None = None,

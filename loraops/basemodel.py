@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from . import fp8, settings
 from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 from .fsutil import Prefetcher, chunks, existing_path, read_json, read_model_config, resolved
-from .references import PATH, argument
+from .references import PATH, argument, flags_checked
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -176,6 +176,7 @@ class BaseModel:
             if p.is_file() and p not in weights and not p.name.startswith(".")
         )
 
+    @flags_checked
     def fingerprint(self, progress: bool | None = None) -> str:
         """See the module docstring; only files whose digests are not cached are read."""
         return self._fingerprint(self.tensor_digests(progress))
@@ -188,6 +189,7 @@ class BaseModel:
     def _fingerprint(self, digests: dict[str, str]) -> str:
         return fingerprint_of((name, info.dtype, info.shape, digests[name]) for name, info in self.tensors.items())
 
+    @flags_checked
     def tensor_digests(self, progress: bool | None = None) -> dict[str, str]:
         """sha256 hex of every tensor's bytes, by full name: from the cache, else by reading the files (in
         parallel; hashlib releases the GIL)."""

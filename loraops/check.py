@@ -29,6 +29,7 @@ from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, CheckResult, ShapeMismatch
+from .references import flags_checked
 from .st import TensorInfo, read_row_blocks, without_torch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
@@ -1643,6 +1644,7 @@ def check_paths(adapter: "str | Path", base: "str | Path", *, alpha: float | Non
     return without_torch(fit)
 
 
+@flags_checked
 def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,

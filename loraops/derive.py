@@ -25,7 +25,7 @@ from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, disk_named, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
-from .references import PATH, argument, refuse_output_over, weighted_inputs
+from .references import PATH, argument, refuse_output_over, weighted_inputs, flags_checked
 from .st import dtype_name
 
 if TYPE_CHECKING:
@@ -429,6 +429,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 @watched("output")
+@flags_checked
 def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
     rank: int | None = None, device: "str | torch.device" = "auto", precise: bool = False, name: str | None = None,
@@ -549,6 +550,7 @@ def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
 
 
 @watched("output")
+@flags_checked
 def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: "str | torch.device" = "auto",
@@ -580,6 +582,7 @@ def resize(
 
 
 @watched("output")
+@flags_checked
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None,
            dtype: "str | torch.dtype | None" = None, registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
@@ -744,6 +747,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
 
 
 @watched("output")
+@flags_checked
 def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,

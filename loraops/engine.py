@@ -73,7 +73,7 @@ from .lazy import LazyModule
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
-from .references import PATH, argument
+from .references import PATH, argument, flags_checked
 from .st import (DTYPE_BYTES, TensorInfo, all_finite, beyond_range, dtype_name, header_bytes, narrows, read_row_blocks,
                  torch_dtype)
 
@@ -238,6 +238,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
     raise InvalidInputError(f"unknown dtype {dtype!r}: use bf16, fp16, fp32 or fp64")
 
 
+@flags_checked
 def merge(
     base: str | Path | BaseModel,
     adapters: Sequence[tuple[Adapter, float]],
@@ -262,6 +263,7 @@ def merge(
                 progress=progress, fingerprint=fingerprint)
 
 
+@flags_checked
 def subtract(
     model: str | Path | BaseModel,
     adapters: Sequence[tuple[Adapter, float]],

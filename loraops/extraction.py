@@ -47,7 +47,7 @@ from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
-from .references import PATH, argument, name_list
+from .references import PATH, argument, name_list, flags_checked
 
 if TYPE_CHECKING:
     import torch
@@ -389,6 +389,7 @@ def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **o
     return replace(adapter, full_tensors=dict(adapter.full_tensors)), report
 
 
+@flags_checked
 def extract_lazily(
     base: "str | Path | BaseModel",
     tuned: "str | Path | BaseModel",

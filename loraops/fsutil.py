@@ -208,7 +208,7 @@ def refuse_existing(path: str | Path, force: bool = False) -> None:
     never replaces (refuse_replacing_surroundings) or its folder cannot be made because a file is in the way (also
     usable before a long computation)."""
     if not isinstance(force, bool):  # (force="no" replaced an output: it is truthy)
-        raise InvalidInputError(f"force takes True or False, not {force!r}", ["force"])
+        raise InvalidInputError(f"force= takes True or False, not {force!r} ({type(force).__name__})", ["force"])
     path = output_path(path)
     if os.path.lexists(path):  # a dangling symlink or a symlink loop is there too
         if not force:

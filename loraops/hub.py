@@ -36,7 +36,7 @@ from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, Inva
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config, resolved
 from .landing import registered, tell, watched
-from .references import argument
+from .references import argument, flags_checked
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -1421,6 +1421,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
 
 
 @watched()
+@flags_checked
 def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
          revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "records.PushRecord":
     """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless

@@ -28,7 +28,7 @@ from .fsutil import (atomic_path, ensure_free_space, output_path, path_exists, r
                      resolved)
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .st import torch_name
-from .references import PATH, argument
+from .references import PATH, argument, flags_checked
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
 if TYPE_CHECKING:
@@ -221,6 +221,7 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output:
     return model, label
 
 
+@flags_checked
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
           name: str | None = None, record: bool = True, block_weights: "Sequence[Sequence[float]] | None" = None,
           registry: "store.Registry | None" = None, transformer_2: Sequence[str | tuple[str, float]] = (),
@@ -262,6 +263,7 @@ def _merge(base, adapters, output, *, name, record, lists, components, registry,
         _close(reg if registry is None else None, model)
 
 
+@flags_checked
 def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
              exact: bool = False, name: str | None = None, record: bool = True,
              block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,

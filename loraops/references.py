@@ -2,13 +2,15 @@
 pairs from Python; and the type check of the library's other arguments (``argument``)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 from .errors import InvalidInputError
 from .fsutil import path_exists, refuse_overlap
@@ -25,6 +27,7 @@ scripts' digits."""
 PLAINLY = "written plainly (like 0.7, -1 or 2e-3)"
 PATH = (str, os.PathLike)
 """What a path argument takes: a str or an os.PathLike (pathlib.Path), as Path() does, not its bytes."""
+F = TypeVar("F", bound=Callable)
 FLOAT32_TINY = 2.0 ** -126
 """float32's smallest normal number: a weight below it is 0 or subnormal where adapters are computed in float32 (it
 multiplies float32 deltas), its precision lost or flushed to 0 (GPUs' flush-to-zero)."""
@@ -148,13 +151,40 @@ def argument(value: object, name: str, *types: type) -> object:
     AttributeError from deep inside."""
     if isinstance(value, types):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
-    kinds = [{str: "a str", os.PathLike: "an os.PathLike (a pathlib.Path)", numbers.Integral: "an int",
-              type(None): "None"}.get(t)
+    kinds = [{bool: "True or False", str: "a str", os.PathLike: "an os.PathLike (a pathlib.Path)",
+              numbers.Integral: "an int", type(None): "None"}.get(t)
              or f"a {'' if t.__module__.startswith(('builtins', 'loraops')) else t.__module__ + '.'}{t.__name__}"
              for t in types]
     said = " or ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
     raise InvalidInputError(f"{name}= takes {said}, not {reprlib.repr(value)}"
                             + ("" if value is None else f" ({type(value).__name__})"))
+
+
+FLAG_ANNOTATIONS = {"bool": False, "bool | None": True}
+"""How a flag parameter is annotated (the annotations are strings: `from __future__ import annotations`), and
+whether None is taken (progress=None: a bar when stderr is a terminal)."""
+
+
+def flags_checked(fn: F) -> F:
+    """``fn`` refusing, in argument's words, anything but True or False (or None where it is annotated
+    `bool | None`) for its parameters annotated bool: `force="no"` replaced an output, `create="no"` created a
+    registry and `progress="no"` drew a bar, each string being truthy. The library's entry points wear it."""
+    signature = inspect.signature(fn)
+    flags = {name: FLAG_ANNOTATIONS[str(p.annotation)] for name, p in signature.parameters.items()
+             if str(p.annotation) in FLAG_ANNOTATIONS}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            given = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # Python's own error, naming the function, comes from the call itself
+            return fn(*args, **kwargs)
+        for name, takes_none in flags.items():
+            if name in given:
+                argument(given[name], name, bool, *[type(None)] * takes_none)
+        return fn(*args, **kwargs)
+    run.checked_flags = tuple(flags)  # what the tests look for
+    return run  # type: ignore[return-value]
 
 
 def _python_number(text: str) -> bool:

@@ -207,6 +207,44 @@ def test_the_documented_entry_points_have_docstrings_and_type_hints():
     assert lacking == []
 
 
+def test_every_documented_flag_takes_only_true_or_false(art):
+    """force="no" replaced an output, create="no" created a registry, progress="no" drew a bar, keep_rounding="no"
+    kept the rounding: each string is truthy. Every flag of what README's "Python API" calls is checked
+    (references.flags_checked), and a wrong one is refused before anything happens."""
+    import loraops
+    from loraops import algebra as lazy_calls, extraction
+    from loraops.formats import write_adapter
+
+    unchecked = []
+    for function in [*documented(), lazy_calls.combine_lazily, extraction.extract_lazily]:
+        flags = [name for name, p in inspect.signature(function).parameters.items()
+                 if str(p.annotation) in ("bool", "bool | None")]
+        if flags and getattr(function, "checked_flags", ()) != tuple(flags):
+            unchecked.append(f"{function.__qualname__} {flags}")
+    assert unchecked == []
+
+    adapter = read_adapter(art["ad"])
+    new_db = art["base"].parent / "new.db"
+    calls = {
+        "create": lambda: Registry.open(f"sqlite:///{new_db}", create="no"),
+        "progress": lambda: BaseModel.open(art["base"]).fingerprint(progress="no"),
+        "keep_rounding": lambda: loraops.extract(art["base"], art["base"], rank=2, keep_rounding="no"),
+        "precise": lambda: algebra.resize(adapter, rank=2, precise=1),
+        "record": lambda: merging.merge(art["base"], [art["ad"]], art["base"].parent / "merged", record="no"),
+        "heads": lambda: check(adapter, BaseModel.open(art["base"]), heads=None),
+        "values": lambda: read_adapter(art["ad"], values="no"),
+        "force": lambda: write_adapter(adapter, art["base"].parent / "written", "peft", force="yes"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidInputError, match=f"^{name}= takes True or False( or None)?, not "):
+            call()
+    with pytest.raises(InvalidInputError, match="^progress= takes True or False or None, not 'no' \\(str\\)$"):
+        BaseModel.open(art["base"]).fingerprint(progress="no")
+    assert not new_db.exists()
+    assert not (art["base"].parent / "merged").exists() and not (art["base"].parent / "written").exists()
+    BaseModel.open(art["base"]).fingerprint(progress=None)  # None: a bar when stderr is a terminal
+
+
 def test_the_documented_entry_points_type_hints_resolve():
     """typing.get_type_hints() raised NameError on most of them: their annotations name what the module imports only
     for type checkers (Adapter, torch, Registry), so pydantic, typer-like wrappers and IDE tools could not read them."""
@@ -735,7 +773,7 @@ def test_force_that_is_no_bool_and_names_given_as_one_string_are_refused(art, tm
     write_adapter(adapter, out, "peft")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for force in ("no", 1, None):
-        with pytest.raises(InvalidInputError, match="^force takes True or False, not "):
+        with pytest.raises(InvalidInputError, match="^force= takes True or False, not "):
             write_adapter(adapter, out, "peft", force=force)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     write_adapter(adapter, out, "peft", force=True)

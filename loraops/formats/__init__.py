@@ -23,7 +23,7 @@ from .. import ldm, settings, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, UnsupportedAdapterError, reworded
 from ..lazy import LazyModule
 from ..fsutil import atomic_path, existing_path, output_path, refuse_misnamed_output, sha256_file
-from ..references import PATH, argument
+from ..references import PATH, argument, flags_checked
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens, xlabs
 from .kohya import kohya_name
 
@@ -105,6 +105,7 @@ def key_layout(keys: Iterable[str]) -> str | None:
     return None
 
 
+@flags_checked
 def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool = True,
                  mapped: bool = False, checked: bool = False) -> "Adapter":
     """Read any supported adapter. ``alpha`` is the LoRA alpha to use where the file does not say (a bare PEFT
@@ -170,6 +171,7 @@ class Renamed:
         return {self.rename(self.announced[name].stand_in()).name for name in getattr(self.modules, "dropped", ())}
 
 
+@flags_checked
 def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
           modules: "Iterable[LoraModule] | None" = None, dtype: "str | torch.dtype | None" = None) -> Written:
     """Write ``adapter`` as ``fmt``: "peft" → a folder (adapter_model.safetensors + adapter_config.json);
@@ -239,6 +241,7 @@ def refuse_misnamed(dest: str | Path, fmt: str) -> None:
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
 
 
+@flags_checked
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
                   dtype: "str | torch.dtype | None" = None) -> Path:
     """``write`` of an adapter in memory; returns where it went."""

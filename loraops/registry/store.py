@@ -34,7 +34,7 @@ from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, re
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       ParameterError, RegistryError, reworded)
 from ..landing import interrupts_deferred, tell
-from ..references import PATH, argument, is_finite
+from ..references import PATH, argument, is_finite, flags_checked
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
 from ..st import dtype_name, without_torch
 from . import db, reads
@@ -112,6 +112,7 @@ class Registry:
         """The store loraops used for this registry before it had its own (see _stores), for _recover."""
 
     @classmethod
+    @flags_checked
     def open(cls, url: str | None = None, *, create: bool = True,
              blobs: str | os.PathLike | None = None) -> "Registry":
         """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head.
@@ -200,6 +201,7 @@ class Registry:
         self.close()
 
     @contextlib.contextmanager
+    @flags_checked
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises. A write's ``(told, result)``
         in ``session.info[TOLD]`` (see write) is called once it committed, a Ctrl-C deferred across both: one that
@@ -261,11 +263,13 @@ class Registry:
 
     # ---------------------------------------------------------------- bases
 
+    @flags_checked
     def add_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
                  lineage: LineageSpec | None = None, progress: bool | None = None) -> BaseRecord:
         """See register_base (this returns only the record)."""
         return self.register_base(path, name=name, source=source, lineage=lineage, progress=progress)[0]
 
+    @flags_checked
     def register_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
                       lineage: LineageSpec | None = None, progress: bool | None = None,
                       told: Callable[[tuple[BaseRecord, bool]], str | None] | None = None) -> tuple[BaseRecord, bool]:
@@ -364,6 +368,7 @@ class Registry:
 
         return self.write(f"record base {name!r}", work, told)
 
+    @flags_checked
     def attach_base_files(self, ref: str | int, path: str | Path, progress: bool | None = None) -> BaseRecord:
         """Give a base its files (e.g. a manifest-only base once downloaded): the manifest must be the recorded one;
         the record gets the path and the real fingerprint."""
@@ -442,6 +447,7 @@ class Registry:
         with self.reader() as r:
             return r.find_base(fingerprint)
 
+    @flags_checked
     def remove_base(self, ref: str | int, *, force: bool = False,
                     told: Callable[[BaseRecord], str | None] | None = None) -> BaseRecord:
         """Remove a base record (a derived base's lineage with it). Refused while adapters or lineage refer to it,
@@ -473,6 +479,7 @@ class Registry:
 
     # ---------------------------------------------------------------- adapters
 
+    @flags_checked
     def add_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                     tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
                     lineage: LineageSpec | None = None, progress: bool | None = None) -> AdapterRecord:
@@ -480,6 +487,7 @@ class Registry:
         return self.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha, source=source,
                                      lineage=lineage, progress=progress)[0]
 
+    @flags_checked
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
                          lineage: LineageSpec | None = None, progress: bool | None = None,
@@ -654,6 +662,7 @@ class Registry:
         with self.reader() as r:
             return r.get_adapter(ref)
 
+    @flags_checked
     def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
                       tag: str | None = None, name: str | None = None, modules: bool = True) -> list[AdapterRecord]:
         """Every version of every adapter (by name, then version), filtered in SQL: ``rank`` matches adapters with
@@ -665,6 +674,7 @@ class Registry:
         """The stored copy of the adapter on disk (a file or a PEFT folder inside the blob store)."""
         return Path(self.get_adapter(ref).path)
 
+    @flags_checked
     def load_adapter(self, ref: str | int, *, bind: bool = True) -> "Adapter":
         """The adapter from its stored copy, with its registration alpha, bound to its base when known (``bind``
         False: named as its file names its modules, as formats.read_adapter of the original gives it).
@@ -764,6 +774,7 @@ class Registry:
 
         self.write(f"restore the base link of adapter id {adapter_id}", work)
 
+    @flags_checked
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False, undo: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
         ``all_versions`` (``ref`` then the name itself: a version, id or sha256 prefix is refused). Stored files go
@@ -814,6 +825,7 @@ class Registry:
 
     # ---------------------------------------------------------------- checks and maintenance
 
+    @flags_checked
     def check_adapter(self, ref_or_path: str | Path, base: str | Path | None = None, *,
                       alpha: float | None = None, transformer_2: bool = False) -> CheckResult:
         """How an adapter (a registry reference, or a path on disk when one exists) fits a base.
@@ -872,6 +884,7 @@ class Registry:
 
         return without_torch(fit)  # headers and records: torch only where the adapter's values are needed
 
+    @flags_checked
     def verify(self, progress: bool | None = None) -> list[StoredFileProblem]:
         """Re-hash every stored file against its record; return what is missing or changed, and what a stored
         adapter's folder holds besides its recorded files (UNRECORDED). The trainable tokens of an adapter registered
@@ -1016,6 +1029,7 @@ class Registry:
                                     "register again")
             self.blobs.put(identity, [staging.folder(identity) / name for name in copied], move=True, known=copied)
 
+    @flags_checked
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, temp files of interrupted copies, stamps whose folder is
         gone (BlobStore.stray_stamps) and empty stamp folders; returns each with its size in bytes. Anything younger
