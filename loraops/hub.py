@@ -137,11 +137,18 @@ def _parse_repo_id(text: str, ref: str) -> RepoRef:
     return RepoRef(repo_id, revision or None)
 
 
+REF_NAME_RULES = ("git's rules for a ref name: not empty; no blank, control character, ~ ^ : ? * [ \\, '..', '@{' "
+                  "or '//'; no '/' or '-' first, no '/' or '.' last; no part beginning with '.' or ending in '.lock'")
+_NOT_IN_REF_NAMES = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
 def good_revision(revision: str) -> bool:
-    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part, no '/' first (git's
-    rules; its Hub cache ref, refs/<revision>, stays inside refs/)."""
-    return (isinstance(revision, str) and bool(revision) and revision == revision.strip()
-            and ".." not in revision.split("/") and not revision.startswith("/"))
+    """Could this name a branch, tag or commit: REF_NAME_RULES (`git check-ref-format --branch`; the Hub answers a
+    name git refuses with a 400, after create_repo made the repo). Its Hub cache ref, refs/<revision>, stays inside
+    refs/."""
+    return (isinstance(revision, str) and bool(revision) and not _NOT_IN_REF_NAMES.search(revision)
+            and revision != "@" and not revision.startswith(("/", "-")) and not revision.endswith(("/", "."))
+            and not any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")))
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -703,8 +710,8 @@ def _no_repo_hint(ref: str) -> str:
 def with_revision(ref: RepoRef, revision: str) -> RepoRef:
     """``ref`` at ``revision`` (pull --revision); a reference that names another revision is refused."""
     if not good_revision(revision):
-        raise InvalidInputError(f"`revision` {revision!r} is no branch, tag or commit (empty, blank at an end, a "
-                                "'..' part or a '/' first); leave it out for the default branch", ["revision"])
+        raise InvalidInputError(f"`revision` {revision!r} is no branch, tag or commit ({REF_NAME_RULES}); leave it out "
+                                "for the default branch", ["revision"])
     if ref.revision is not None and ref.revision != revision:
         raise InvalidInputError(f"{ref} names revision {ref.revision}, and `revision` {revision} another: give one",
                                 ["revision"])
@@ -898,8 +905,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with `revision`, not @", ["revision"])
     if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
-        raise InvalidInputError(f"{repo_id}: `revision` {revision!r} is no branch name (empty, blank at an end, a "
-                                "'..' part or a '/' first); leave it out to push to main", ["revision"])
+        raise InvalidInputError(f"{repo_id}: `revision` {revision!r} is no branch name ({REF_NAME_RULES}); leave it "
+                                "out to push to main", ["revision"])
     check_repo_names(list(files), ref)
     branch = revision or "main"
     number = pull_request(branch)

@@ -1113,13 +1113,17 @@ def test_odd_uses_of_a_base_recorded_from_the_hub(fake_hub, adapters, tmp_path, 
 
 
 def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
-    """`push --revision ""` (a script's unset variable) pushed to main."""
+    """`push --revision ""` (a script's unset variable) pushed to main; a name git refuses (`a~b^c:d`, `-dev`) was
+    asked of the Hub, which answers 400 once create_repo made the repo. Refused by git's rules (check-ref-format)."""
+    from loraops.hub import REF_NAME_RULES
+
     registry.add_adapter(adapters["a"], name="anime")
-    for bad in ("", " dev", "a/../b", "/dev"):
+    for bad in ("", " dev", "a/../b", "/dev", "a~b^c:d", "-dev", "dev.lock", "x/.dev", "a@{1}", "a b", "dev/", "dev.",
+                "a//b", "@", "a*b", "a\\b", "a\x7fb"):
         result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--revision", bad, "--token", "hf_owner"])
         assert (result.exit_code, result.output) == (2, (
-            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, a '..' part or a '/' "
-            "first); leave it out to push to main\n"))
+            f"error: me/anime: --revision {bad!r} is no branch name ({REF_NAME_RULES}); leave it out to push to main"
+            "\n")), bad
     assert "me/anime" not in fake_hub.repos
 
 
