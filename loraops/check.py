@@ -16,6 +16,7 @@ import copy
 import itertools
 import math
 import re
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, CheckResult, ShapeMismatch
-from .references import flags_checked
+from .references import flags_checked, is_integer
 from .st import TensorInfo, read_row_blocks, without_torch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
@@ -1436,6 +1437,12 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
     if not isinstance(manifest, Mapping):  # a path: iterating it raised a raw TypeError or AttributeError
         raise InvalidInputError(f"a base is given by its tensors (BaseModel.open(path), or its .tensors), not the "
                                 f"{type(manifest).__name__} {str(manifest)[:80]!r}")
+    for name, info in manifest.items():  # (a value without a shape was an AttributeError, or matched nothing unsaid)
+        shape = getattr(info, "shape", None)
+        if not isinstance(name, str) or not isinstance(shape, (tuple, list)) \
+                or not all(is_integer(size) and size >= 0 for size in shape):
+            raise InvalidInputError(f"a base's tensors map each name to what has its shape (a TensorInfo, a tensor), "
+                                    f"not {repr(name)[:200]} to {reprlib.repr(info)} ({type(info).__name__})")
     return manifest
 
 

@@ -3,6 +3,7 @@ explicit argument does what the CLI's option (an environment variable) does."""
 from __future__ import annotations
 
 import inspect
+import re
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def test_check_takes_a_base_model_and_checks_it_as_merge_reads_it(art, tmp_path)
             check(adapter, wrong)
         with pytest.raises(InvalidInputError, match="BaseModel.open"):
             bind(adapter, wrong)
+    # a mapping whose values have no shape was an AttributeError ('str' object has no attribute 'shape'), or a report
+    # of nothing matched; a state dict of tensors is a base's tensors too
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    for wrong, said in (({q_proj: "abc"}, f"{q_proj!r} to 'abc' (str)"), ({"x": 1}, "'x' to 1 (int)"),
+                        ({q_proj: (4, 4)}, f"{q_proj!r} to (4, 4) (tuple)"), ({1: torch.zeros(2)}, "1 to tensor")):
+        for call in (check, bind):
+            with pytest.raises(InvalidInputError, match="^a base's tensors map each name to what has its shape "
+                                                        rf"\(a TensorInfo, a tensor\), not {re.escape(said)}"):
+                call(adapter, wrong)
+    state_dict = {name: torch.zeros(info.shape) for name, info in BaseModel.open(art["base"]).tensors.items()}
+    assert check(adapter, state_dict).ok
 
 
 @pytest.mark.parametrize("rank", [8.0, "8", True])
