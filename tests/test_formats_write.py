@@ -509,3 +509,24 @@ def test_the_conv1d_and_linear_model_lists_are_transformers_own():
         assert layers, f"{source}: names a Conv1D-named layer but makes none as this test reads"
         made.setdefault(source.parent.name, set()).update(layers)
     assert made == {**{m: {"Conv1D"} for m in CONV1D_MODELS}, **{m: {"nn.Linear"} for m in LINEAR_MODELS}}
+
+
+@pytest.mark.parametrize("modules, said", [
+    (5, "modules= takes the modules of a lazy resize or combine (algebra.resize_lazily(...)) or LoraModule objects, "
+        "not 5 (int)"),
+    ("x", "modules= takes the modules of a lazy resize or combine (algebra.resize_lazily(...)) or LoraModule objects, "
+          "not 'x' (str)"),
+    ([1], "modules= holds LoraModule objects, not 1 (int)"),
+])
+def test_write_refuses_modules_that_are_no_lora_modules(mixed, tmp_path, modules, said):
+    """formats.write(modules=5) was a raw TypeError ('int' object is not iterable), "x" and [1] AttributeErrors from
+    inside the writer; a list of the adapter's own modules is written as they are."""
+    from loraops import formats
+
+    adapter = read_adapter(mixed)
+    with pytest.raises(InvalidInputError) as caught:
+        formats.write(adapter, tmp_path / "out", "peft", modules=modules)
+    assert str(caught.value) == said
+    assert list(tmp_path.iterdir()) == []
+    written = formats.write(adapter, tmp_path / "out", "peft", modules=list(adapter.modules.values()))
+    assert_same_deltas(read_adapter(written.path), adapter)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import reprlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
@@ -196,7 +197,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
 
     spill = modules is not None  # an adapter's own tensors are in memory anyway: kept, not spilled
     checked = isinstance(modules, Derivation)
-    modules = adapter.modules.values() if modules is None else modules
+    modules = adapter.modules.values() if modules is None else modules if checked else given_modules(modules)
     if fmt == "peft" and adapter.own_names:  # PEFT keys are module paths as the adapter's own model names them in
         # memory (the diffusers writer maps bound checkpoint names to its own component names, and kohya's are
         # sd-scripts')
@@ -223,6 +224,19 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
             raise
         raise reworded(exc, str(staged), str(output_path(dest))) from exc.__cause__  # (a DeviceMemoryError's: torch's)
     return Written(output_path(dest), sha256, checked)
+
+
+def given_modules(modules: object) -> "Iterator[LoraModule]":
+    """A caller's ``modules`` for write, each refused as it comes unless it is a LoraModule (nothing is at the output
+    until the last one is written): 5, "x" or [1] were raw TypeErrors and AttributeErrors from inside a writer."""
+    if isinstance(modules, (str, bytes, Mapping)) or not isinstance(modules, Iterable):
+        raise InvalidInputError("modules= takes the modules of a lazy resize or combine (algebra.resize_lazily(...)) "
+                                f"or LoraModule objects, not {reprlib.repr(modules)} ({type(modules).__name__})")
+    for module in modules:
+        if not isinstance(module, LoraModule):
+            raise InvalidInputError(f"modules= holds LoraModule objects, not {reprlib.repr(module)} "
+                                    f"({type(module).__name__})")
+        yield module
 
 
 def known_format(fmt: str) -> str:
