@@ -281,6 +281,7 @@ def combine_lazily(
 
     from .formats import out_dtype as torch_dtype_of, params as raw
     from .ops.combine import Context, Term
+    from .ops.svd import factors_in
     from .settings import device_memory, in_order, resolve_device
     from .st import converted
 
@@ -354,7 +355,7 @@ def combine_lazily(
         with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
             made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                          transposed=template.transposed))
-        return made, converted(made.B, out_dtype), converted(made.A, out_dtype)
+        return made, *factors_in(made.B, made.A, out_dtype)
 
     def computed(name: str):
         with device_memory(target, f"computing module {name!r} of the {what}", precise):

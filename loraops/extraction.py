@@ -426,6 +426,7 @@ def extract_lazily(
     from .algebra import Derivation, compute_precision, factorizing, finite_module, refuse_idle_conv_rank, resize_rule
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
+    from .ops.svd import factors_in
     from .settings import device_memory, in_order, resolve_device
     from .st import all_finite, read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
@@ -557,8 +558,7 @@ def extract_lazily(
                                    keep_zero_rank=True, min_sv=0.0)
         module_alpha = float(made.A.shape[0]) if alpha is None else float(alpha)
         scale = module_alpha / made.A.shape[0]
-        return (template.with_factors((made.B / scale).to(device="cpu", dtype=out_dtype),
-                                      made.A.to(device="cpu", dtype=out_dtype), module_alpha, scale),
+        return (template.with_factors(*factors_in(made.B / scale, made.A, out_dtype), module_alpha, scale),
                 made.svd, made.error)
 
     # the targets by the weight they come from (a fused weight's parts come in a row): each weight's modules are

@@ -347,3 +347,25 @@ def test_peft_magnitude_prune_below_one_entry_keeps_none_where_ours_keeps_the_la
     assert not theirs[name].any()
     kept = ours.modules[name].delta(dtype=torch.float64)
     assert 1 <= int((kept.abs() > 1e-6 * kept.abs().max()).sum()) <= 2  # each input's largest entry
+
+
+def test_factors_beyond_float16_share_each_components_magnitude_in_resize_and_combine():
+    """B = U·S carries all of a component's magnitude (kohya's and PEFT's convention): a module whose delta fits
+    float16 but whose σ does not came out NaN in float16 and was refused. Such factors now share the magnitude
+    (B·A unchanged); factors that fit keep B = U·S, byte for byte."""
+    from dataclasses import replace
+
+    big = lora_adapter({"m": (32, 24)}, rank=2, alpha=2, seed=4)
+    module = big.modules["m"]
+    big = replace(big, modules={"m": replace(module, B=module.B * 3e5)})  # ΔW entries up to ~4e4, U·S to ~8e4
+    delta = big.modules["m"].delta().double()
+    assert delta.abs().max() < 65504
+    for made, _ in (resize(big, rank=2, out_dtype=torch.float16),
+                    combine([(big, 0.5), (big, 0.5)], "linear", rank=2, out_dtype=torch.float16)):
+        got = made.modules["m"]
+        assert got.B.dtype == torch.float16 and torch.isfinite(got.B).all() and torch.isfinite(got.A).all()
+        assert got.B.abs().max() > 65504 ** 0.5 / 10 and got.A.abs().max() > 1  # shared, not all in B
+        assert torch.allclose(got.delta().double(), delta, rtol=0, atol=float(delta.abs().max()) * 2e-3)
+    fits, _ = resize(lora_adapter({"m": (32, 24)}, rank=2, seed=4), rank=2, out_dtype=torch.float16)
+    A = fits.modules["m"].A.double()
+    assert torch.allclose(A @ A.T, torch.eye(2, dtype=torch.float64), atol=2e-3)  # A = Vᵀ: orthonormal rows

@@ -440,6 +440,26 @@ def test_a_delta_below_what_fp16_holds_is_refused_not_written_as_a_zero_module(t
     assert adapter.modules["a"].B.any() and report.modules[0].error < 1e-2
 
 
+def test_an_fp16_delta_whose_singular_values_do_not_fit_fp16_is_extracted_in_fp16(tmp_path):
+    """Both models float16, every entry of the delta (~6e4) fits float16, but B = U·S took all of σ (~2e6): the
+    module came out NaN and the extract was refused at the default dtype (the tuned model's). B and A now share
+    each component's magnitude where U·S does not fit; a delta that fits keeps B = U·S (A's rows orthonormal)."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(32, 24, generator=g).half()
+    V = W[:16, :12].clone()
+    small = 0.01 * torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g)
+    save_file({"a.weight": W, "b.weight": V}, str(tmp_path / "base.safetensors"))
+    save_file({"a.weight": (W.float() + 60000).half(), "b.weight": (V.float() + small).half()},
+              str(tmp_path / "tuned.safetensors"))
+    adapter, report = loraops.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=4,
+                                      device="cpu")
+    assert report.dtype == "float16" and adapter.modules["a"].B.dtype == torch.float16
+    real = (W.float() + 60000).half().double() - W.double()
+    assert torch.allclose(adapter.modules["a"].delta().double(), real, rtol=2e-3, atol=0)
+    A = adapter.modules["b"].A.double()
+    assert torch.allclose(A @ A.T, torch.eye(A.shape[0], dtype=torch.float64), atol=2e-3)
+
+
 def test_existing_output_needs_force(peft_pair, tmp_path):
     base, tuned = peft_pair
     (tmp_path / "out").mkdir()

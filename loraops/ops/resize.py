@@ -26,9 +26,8 @@ from pydantic import Field, model_validator
 
 from ..adapter import LoraModule
 from ..records import ResizeModuleRecord
-from ..st import converted
 from .params import Params
-from .svd import Refactored, Spectrum, dense_svd, factored_svd, refactor_dense
+from .svd import Refactored, Spectrum, dense_svd, factored_svd, factors_in, refactor_dense
 
 MIN_SV = 1e-6
 
@@ -135,7 +134,7 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     k = int(A.shape[0])
     alpha = alpha_for_scale(module.scale, k, scale_mode)
     out = out or module.dtype  # (the file's: a factor composed on read in float32 is not written so)
-    resized = module.with_factors(converted(B, out), converted(A, out), alpha, module.scale)
+    resized = module.with_factors(*factors_in(B, A, out), alpha, module.scale)
     record = ResizeModuleRecord(
         name=module.name, kind=module.kind, spatial=module.spatial, kernel=module.kernel, rank_before=before,
         rank_after=k, alpha_after=alpha, fro_retained=fro, sum_retained=total, zero=not B.any(),

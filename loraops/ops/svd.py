@@ -15,7 +15,7 @@ from typing import ContextManager, Iterable
 import torch
 
 from .. import settings
-from ..st import all_finite
+from ..st import all_finite, converted
 
 # A dense delta is re-factorized with a randomized SVD when both sides exceed this (kohya's threshold): an exact
 # SVD of a 4096×14336 matrix takes minutes on a CPU, the randomized one with power iterations well under a second.
@@ -227,6 +227,23 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
         return Refactored(B, A, "exact", relative_residual(D, B, A, torch.float64), spectrum)
     B, A = randomized_svd(D, q).truncate(k)
     return Refactored(B, A, "randomized", relative_residual(D, B, A))
+
+
+def factors_in(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (out×r) and A (r×in) in ``dtype`` on the CPU (st.converted: NaN past its range). Where a value goes beyond
+    ``dtype``'s range, each rank component's magnitude is first shared between its two factors (B[:, i]/cᵢ and
+    cᵢ·A[i], cᵢ = √(max|B[:, i]| / max|A[i]|)): B·A is the same, and an SVD's B = U·S, which carries all of it
+    (kohya's and PEFT's convention, kept wherever it fits), no longer overflows float16 while A = Vᵀ sits near
+    1/√in. Where even that does not fit, the NaN is left for the caller to refuse. (Not for a delta below what
+    ``dtype`` holds: shared, its factors would come out subnormal, their precision silently lost; the caller refuses
+    the all-zero factors the plain conversion gives.)"""
+    outB, outA = converted(B, dtype), converted(A, dtype)
+    if all_finite(outB) and all_finite(outA):
+        return outB, outA
+    peakB = B.abs().amax(dim=0).double()
+    peakA = A.abs().amax(dim=1).double()
+    c = torch.where((peakB > 0) & (peakA > 0), (peakB / peakA.clamp_min(1e-300)).sqrt(), torch.ones_like(peakB))
+    return converted(B / c.to(B), dtype), converted(A * c.to(A)[:, None], dtype)
 
 
 def relative_residual(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype | None = None) -> float:
