@@ -488,6 +488,12 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
                     if "adapter_model.bin" in here else "no adapter_model.safetensors"
                 raise FormatError(f"{ref}: PEFT adapter_config.json found but {other}")
             picked = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
+            others = [prefix + n for n in here if n.endswith(".safetensors") and n != PEFT_WEIGHTS]
+            if others and not subpath:  # (taken unsaid; two bare files are refused as ambiguous)
+                logging.getLogger("loraops").info(
+                    f"{ref}: took the PEFT adapter {f'in {folder}/' if folder else 'at the top level'} "
+                    f"(adapter_config.json + adapter_model.safetensors); {', '.join(others)} "
+                    f"{'is' if len(others) == 1 else 'are'} there too: pull it with --file {others[0]}")
         else:
             weights = [prefix + n for n in here if n.endswith(".safetensors")]
             if len(weights) > 1:  # (a sharded model's, maybe, with its LoRA in a folder below)
@@ -886,6 +892,8 @@ class Upload:
     changed: bool = True
     card_kept: bool = False
     """The branch's README.md was not loraops's: it was left as it is, and ``card`` not uploaded."""
+    others: tuple[str, ...] = ()
+    """.safetensors files the branch holds at its top level beside ``files``, left as they were."""
 
 
 def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
@@ -939,6 +947,7 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
         if card is not None and not card_kept:
             files = {**files, CARD: card}
         remove -= set(files)
+        others = tuple(sorted(n for n in present - remove - set(files) if "/" not in n and n.endswith(".safetensors")))
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
         operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
@@ -952,7 +961,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
         finally:
             hub_log.setLevel(level)
     pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head, card_kept=card_kept)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head, card_kept=card_kept,
+                  others=others)
 
 
 def loraops_card(text: bytes) -> bool:
@@ -1468,6 +1478,12 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
         if done.changed:
             tell(got + (", before the registry recorded it as a tag; push again to record it (the Hub makes no "
                         "second commit)" if tagged else f" (pull request {done.pr_url})" if done.pr_url else ""))
+    if done.others:  # (another adapter file there: a pull of the repo took the PEFT one unsaid, or asked which)
+        took = "takes the PEFT adapter pushed now" if ADAPTER_CONFIG in files else \
+            f"asks which to take (--file {next(iter(files))})"
+        logging.getLogger("loraops").info(
+            f"{done.repo_id}@{done.revision} also holds {', '.join(done.others)} beside what was pushed, left as it "
+            f"was: `loraops pull {done.repo_id}` {took}")
     if tagged:
         tag = hub_source(done.repo_id, done.commit)
         new = tag not in registry.get_adapter(record.id).tags  # (nothing pushed, the tag had: nothing landed)

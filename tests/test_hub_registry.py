@@ -128,6 +128,33 @@ def test_push_keeps_a_repos_own_readme_and_replaces_its_own_card(fake_hub, adapt
     assert f"| sha256 | `{registry.get_adapter('style@2').weights_sha256}` |" in card
 
 
+def test_another_adapter_file_beside_what_is_pushed_or_pulled_is_said(fake_hub, adapters, registry, tmp_path):
+    """A push into a repo holding another adapter file (style.safetensors) left it holding two adapters, unsaid, and
+    a pull of such a repo silently took the PEFT one (two bare .safetensors are refused as ambiguous): both say so."""
+    registry.add_base(adapters["base"], name="tiny")
+    registry.add_adapter(adapters["a"], name="anime", base="tiny")
+    kohya = formats.write_adapter(registry.load_adapter("anime"), tmp_path / "style.safetensors", "kohya")
+    fake_hub.commit("me/style", {"style.safetensors": kohya.read_bytes()})
+    runner = CliRunner()
+    pushed = runner.invoke(main, ["push", "anime", "me/style", "--token", "hf_owner"])
+    assert pushed.exit_code == 0, pushed.output
+    assert pushed.stderr == ("note: me/style@main also holds style.safetensors beside what was pushed, left as it was: "
+                             "`loraops pull me/style` takes the PEFT adapter pushed now\n")
+    pulled = runner.invoke(main, ["pull", "me/style", "--name", "again"])
+    assert pulled.exit_code == 0, pulled.output
+    assert pulled.stderr == ("note: me/style: took the PEFT adapter at the top level (adapter_config.json + "
+                             "adapter_model.safetensors); style.safetensors is there too: pull it with --file "
+                             "style.safetensors\n")
+    other = runner.invoke(main, ["pull", "me/style", "--file", "style.safetensors"])
+    assert other.exit_code == 0 and other.stderr == "", other.output
+    single = runner.invoke(main, ["push", "anime", "me/style", "--format", "kohya", "--token", "hf_owner"])
+    assert single.exit_code == 0 and single.stderr == (
+        "note: me/style@main also holds style.safetensors beside what was pushed, left as it was: `loraops pull "
+        "me/style` asks which to take (--file anime.safetensors)\n"), single.output
+    alone = runner.invoke(main, ["push", "anime", "me/alone", "--token", "hf_owner"])
+    assert alone.exit_code == 0 and alone.stderr == ""
+
+
 def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     registry.add_base(adapters["base"], name="tiny")
     registry.add_adapter(adapters["a"], name="anime", base="tiny")
@@ -787,7 +814,8 @@ def test_adapters_at_other_paths_of_one_repo_are_other_adapters(fake_hub, adapte
     pulls = [[], ["--file", "loras/b"], ["--file", "style.safetensors"]]
     for args, name in zip(pulls, ["loras@1", "loras/loras/b@1", "loras/style@1"]):
         pulled = runner.invoke(main, ["pull", "someone/loras", *args])
-        assert pulled.output.splitlines()[0] == f"pulled someone/loras (commit {first[:12]}) as {name}", pulled.output
+        assert pulled.stdout.splitlines()[0] == f"pulled someone/loras (commit {first[:12]}) as {name}", pulled.output
+        assert ("style.safetensors is there too" in pulled.stderr) == (args == [])  # (the PEFT one taken: said)
     sources = {a.ref: a.source for a in registry.list_adapters()}
     assert sources == {"loras@1": f"hf://someone/loras@{first}",
                        "loras/loras/b@1": f"hf://someone/loras@{first}/loras/b",
@@ -799,8 +827,8 @@ def test_adapters_at_other_paths_of_one_repo_are_other_adapters(fake_hub, adapte
                               ["loras@1", "loras/loras/b@1", "loras/style@1", "loras/loras/b@1", "loras/loras/b@1"]):
             again = runner.invoke(main, ["pull", *(args if args[:1] == [sources["loras/loras/b@1"]] else
                                                    ["someone/loras", *args])])
-            assert again.exit_code == 0 and again.output.startswith("already registered: ") and \
-                again.output.splitlines()[0].endswith(f" as {name}"), (args, again.output)
+            assert again.exit_code == 0 and again.stdout.startswith("already registered: ") and \
+                again.stdout.splitlines()[0].endswith(f" as {name}"), (args, again.output)
     monkeypatch.delenv("HF_HUB_OFFLINE")
 
     fake_hub.commit_folder("someone/loras", adapters["c"], prefix="loras/b/")
