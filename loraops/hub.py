@@ -1363,13 +1363,14 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     named(subpath or "")  # before any download (the path the repo listing picks may add to the default)
     pulled = _pulled_before(registry, ref, subpath, token)
     if pulled is not None:  # its stored copy, when intact, is the download: registered again (for --base)
-        commit, record = pulled
+        record = pulled[1]
         try:
             stored = registry.intact_path(record.id)
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        where = record.source.partition("@")[2].partition("/")[2]
+        commit, record, source = pulled
+        where = source.partition("@")[2].partition("/")[2]
         done = registry.register_adapter(stored, name=named(where), base=base, source=record.source,
                                          told=pulled_line(ref))
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
@@ -1392,11 +1393,17 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
                                                  source=download.source, scratch=True, told=pulled_line(ref))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
+    adapter = done.record
     if pulled is None:
         remember_pick(ref.repo_id, commit, subpath or "", download.path)
+        if not done.created and download.source not in (adapter.source, *adapter.tags):
+            # the same adapter, pulled before from another repo or path: this source becomes a tag of its record (as
+            # push tags what it pushed), so that a pull of it finds the record offline too ("not in the local Hub
+            # cache … pull it once online first" of what was just pulled: it was never put in that cache)
+            adapter = registry.add_tags(adapter.id, [download.source])
     remember_ref(ref, commit)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
-                      new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
+                      new=done.created, adapter=adapter, linked=done.linked, previous_base=done.previous_base)
 
 
 def pulled_line(ref: RepoRef) -> "Callable[[store.Registration], str | None]":
@@ -1406,21 +1413,25 @@ def pulled_line(ref: RepoRef) -> "Callable[[store.Registration], str | None]":
 
 
 def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | None):
-    """(commit, AdapterRecord) of the adapter a pull of ``ref`` took before, found by its recorded source, else None:
-    the registry, not the Hub cache, is where pulled adapters are kept. Only when the choice is certain: the path
-    ``subpath`` names, or without it the repo's top-level PEFT folder (what select_adapter_files takes first).
-    Offline, a commit-sha prefix is matched against the recorded commits."""
+    """(commit, AdapterRecord, the source it was found by) of the adapter a pull of ``ref`` took before, found by its
+    recorded source or a tag of the same form (what push tags, and a pull that found the adapter registered from
+    elsewhere), else None: the registry, not the Hub cache, is where pulled adapters are kept. Only when the choice
+    is certain: the path ``subpath`` names, or without it the repo's top-level PEFT folder (what
+    select_adapter_files takes first). Offline, a commit-sha prefix is matched against the recorded commits."""
     prefix = f"{SOURCE_PREFIX}{ref.repo_id}@"
-    pulled = [a for a in registry.list_adapters(modules=False) if (a.source or "").startswith(prefix)]
+    # (push tags a one-file adapter it put at the top level without its path, which names the top-level PEFT folder)
+    pulled = [(source, a) for a in registry.list_adapters(modules=False)
+              for source in (a.source, *(t for t in a.tags if "/" in t[len(prefix):] or a.format == "peft"))
+              if (source or "").startswith(prefix)]
     if not pulled:
         return None
-    sources = {a.source[len(prefix):].partition("/")[0]: a for a in pulled}
+    commits = {source[len(prefix):].partition("/")[0] for source, _ in pulled}
     try:
         commit = resolve_commit(ref, token)
     except NotFoundError:
         if not (offline() and ref.revision and _SHA_PREFIX.match(ref.revision)):
             raise
-        found = sorted(c for c in sources if c.startswith(ref.revision.lower()))
+        found = sorted(c for c in commits if c.startswith(ref.revision.lower()))
         if len(found) > 1:
             raise AmbiguousError(f"{ref}: {len(found)} pulled commits start with {ref.revision} "
                                  f"({', '.join(c[:12] for c in found[:5])}); give more of the sha") from None
@@ -1433,8 +1444,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
     if PurePosixPath(scope).name in PEFT_FILES:  # a PEFT file goes with the other next to it
         parent = str(PurePosixPath(scope).parent)
         wanted.add(hub_source(ref.repo_id, commit, "" if parent == "." else parent))
-    record = next((a for a in pulled if a.source in wanted), None)
-    return None if record is None else (commit, record)
+    return next(((commit, a, source) for source, a in pulled if source in wanted), None)
 
 
 @watched()
@@ -1485,6 +1495,7 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             f"{done.repo_id}@{done.revision} also holds {', '.join(done.others)} beside what was pushed, left as it "
             f"was: `loraops pull {done.repo_id}` {took}")
     if tagged:
+        remember_ref(RepoRef(done.repo_id, done.revision), done.commit)  # (an offline pull of the repo finds it)
         tag = hub_source(done.repo_id, done.commit)
         new = tag not in registry.get_adapter(record.id).tags  # (nothing pushed, the tag had: nothing landed)
         registry.add_tags(record.id, [tag])

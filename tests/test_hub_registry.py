@@ -140,9 +140,10 @@ def test_another_adapter_file_beside_what_is_pushed_or_pulled_is_said(fake_hub, 
     assert pushed.exit_code == 0, pushed.output
     assert pushed.stderr == ("note: me/style@main also holds style.safetensors beside what was pushed, left as it was: "
                              "`loraops pull me/style` takes the PEFT adapter pushed now\n")
-    pulled = runner.invoke(main, ["pull", "me/style", "--name", "again"])
+    fake_hub.commit("someone/both", {**fake_hub.files("me/style"), "style.safetensors": kohya.read_bytes()})
+    pulled = runner.invoke(main, ["pull", "someone/both"])
     assert pulled.exit_code == 0, pulled.output
-    assert pulled.stderr == ("note: me/style: took the PEFT adapter at the top level (adapter_config.json + "
+    assert pulled.stderr == ("note: someone/both: took the PEFT adapter at the top level (adapter_config.json + "
                              "adapter_model.safetensors); style.safetensors is there too: pull it with --file "
                              "style.safetensors\n")
     other = runner.invoke(main, ["pull", "me/style", "--file", "style.safetensors"])
@@ -153,6 +154,34 @@ def test_another_adapter_file_beside_what_is_pushed_or_pulled_is_said(fake_hub, 
         "me/style` asks which to take (--file anime.safetensors)\n"), single.output
     alone = runner.invoke(main, ["push", "anime", "me/alone", "--token", "hf_owner"])
     assert alone.exit_code == 0 and alone.stderr == ""
+
+
+def test_an_adapter_registered_from_another_repo_or_pushed_pulls_again_offline(fake_hub, adapters, registry,
+                                                                               monkeypatch):
+    """s/a and s/b hold the same adapter: `pull s/b@v1` answered "already registered … as a@1", and the same pull
+    offline then said "not in the local Hub cache … pull it once online first" (the download went to the blob store,
+    not the cache). The other repo's source is now a tag of the record, found as its source is; and what push
+    tagged pulls offline too."""
+    import json
+
+    files = {p.name: p.read_bytes() for p in adapters["a"].iterdir()}
+    config = json.loads(files["adapter_config.json"])
+    fake_hub.commit("s/a", {**files, "adapter_config.json": json.dumps({**config, "base_model_name_or_path": "x"}).encode()})
+    commit = fake_hub.commit("s/b", files)
+    fake_hub.tag("s/b", "v1")
+    first = hub.pull(registry, "s/a")
+    again = hub.pull(registry, "s/b@v1")
+    assert not again.new and again.adapter.id == first.adapter.id
+    assert again.adapter.tags == [f"hf://s/b@{commit}"] and again.adapter.source == first.adapter.source
+    registry.add_adapter(adapters["c"], name="mine")
+    pushed = hub.push(registry, "mine", "me/mine", token="hf_owner")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for repo, record in (("s/b@v1", first.adapter), (f"s/b@{commit[:8]}", first.adapter),
+                         ("me/mine", registry.get_adapter("mine"))):
+        offline = CliRunner().invoke(main, ["pull", repo])
+        assert offline.exit_code == 0 and offline.stdout.startswith(f"already registered: {repo} ") and \
+            offline.stdout.splitlines()[0].endswith(f" as {record.ref}"), (repo, offline.output, pushed.commit)
+    assert [a.ref for a in registry.list_adapters()] == [first.adapter.ref, "mine@1"]
 
 
 def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
