@@ -25,7 +25,7 @@ from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, disk_named, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
-from .references import PATH, argument, refuse_output_over, weighted_inputs, flags_checked
+from .references import PATH, argument, flags_checked, refuse_output_over, weighted_inputs
 from .st import dtype_name
 
 if TYPE_CHECKING:

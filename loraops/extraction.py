@@ -47,7 +47,7 @@ from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
-from .references import PATH, argument, name_list, flags_checked
+from .references import PATH, argument, flags_checked, name_list
 
 if TYPE_CHECKING:
     import torch

@@ -189,15 +189,23 @@ def converted(tensor: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     """``tensor`` in ``dtype`` on the CPU, with NaN where a value rounds past ``dtype``'s range (beyond its max plus
     half its last step): torch's conversion to float8_e4m3fn saturates such values at ±448, silently, where float16's
     makes them inf; so the finite checks find both."""
+    out = tensor.to(device="cpu", dtype=dtype)
+    beyond = past_range(tensor, dtype)
+    if beyond is not None:
+        out = tensor.cpu().masked_fill(beyond, math.nan).to(dtype)
+    return out
+
+
+def past_range(tensor: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor | None":
+    """Where ``tensor``'s values round past ``dtype``'s range (beyond its max plus half its last step), on the CPU;
+    None where none does."""
     import torch
 
-    out = tensor.to(device="cpu", dtype=dtype)
-    if narrows(tensor.dtype, dtype) and tensor.numel():
-        info = torch.finfo(dtype)
-        beyond = (tensor.abs() > info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2).cpu()
-        if beyond.any():
-            out = tensor.cpu().masked_fill(beyond, math.nan).to(dtype)
-    return out
+    if not (narrows(tensor.dtype, dtype) and tensor.numel()):
+        return None
+    info = torch.finfo(dtype)
+    beyond = (tensor.abs() > info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2).cpu()
+    return beyond if beyond.any() else None
 
 
 def all_finite(tensor: "torch.Tensor") -> bool:

@@ -241,21 +241,35 @@ def test_resize_means_leave_out_zero_modules_as_kohya_does():
 def test_float8_factors_beyond_its_range_are_refused_not_saturated(derive):
     """The result of float8_e4m3fn inputs is written in float8_e4m3fn, whose torch conversion saturates at ±448
     silently (float16's gives inf, which the finite check finds): a combine at weight 3000 came out ~25 % off, a resize
-    whose B' = U·S passes 448 likewise. Refused as float16's inf is; values that fit are still rounded to it."""
+    whose B' = U·S passes 448 likewise. Factors that U·S makes too large share each component's magnitude instead
+    (ops.svd.factors_in: the product within float8's rounding); what does not fit even so is refused as float16's inf
+    is."""
     fp8 = torch.float8_e4m3fn
     a = lora_adapter(SHAPES, seed=1, dtype=fp8)
+    b = lora_adapter(SHAPES, seed=2, dtype=fp8)
+
+    def relative_error(got, want):
+        return float((got.delta().double() - want).norm() / want.norm())
+
     if derive == "combine":
-        result, _ = combine([(a, 20), (lora_adapter(SHAPES, seed=2, dtype=fp8), 20)], "cat", device="cpu")
+        result, _ = combine([(a, 20), (b, 20)], "cat", device="cpu")
         assert result.modules["m.q"].B.dtype == fp8
+        shared, _ = combine([(a, 3000), (b, 3000)], "linear", device="cpu")
+        want = 3000 * (a.modules["m.q"].delta().double() + b.modules["m.q"].delta().double())
+        assert relative_error(shared.modules["m.q"], want) < 0.1 and want.abs().max() > 448 * 3
         with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values \(beyond what "
                                                     r"float8_e4m3fn holds\?\)"):
-            combine([(a, 3000), (lora_adapter(SHAPES, seed=2, dtype=fp8), 3000)], "linear", device="cpu")
+            combine([(a, 3e7), (b, 3e7)], "linear", device="cpu")
         return
     resized, _ = resize(a, rank=2, device="cpu")
     assert resized.modules["m.q"].B.dtype == fp8
     big = lora_adapter({"m.q": (8, 64)}, rank=2, dtype=fp8)
     big.modules["m.q"].A = torch.full((2, 64), 256.0).to(fp8)
     big.modules["m.q"].B = torch.full((8, 2), 0.5).to(fp8)  # B'·A' = 256·1·1ᵀ: B' = U·S = 2048 everywhere
+    shared, _ = resize(big, rank=1, device="cpu")
+    assert relative_error(shared.modules["m.q"], big.modules["m.q"].delta().double()) < 0.1
+    big.modules["m.q"].A = torch.full((2, 64), 448.0).to(fp8)
+    big.modules["m.q"].B = torch.full((8, 2), 448.0).to(fp8)  # shared: 633 in each factor, past 448
     with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values"):
         resize(big, rank=1, device="cpu")
 

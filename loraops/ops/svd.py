@@ -15,7 +15,7 @@ from typing import ContextManager, Iterable
 import torch
 
 from .. import settings
-from ..st import all_finite, converted
+from ..st import all_finite, converted, past_range
 
 # A dense delta is re-factorized with a randomized SVD when both sides exceed this (kohya's threshold): an exact
 # SVD of a 4096×14336 matrix takes minutes on a CPU, the randomized one with power iterations well under a second.
@@ -237,9 +237,8 @@ def factors_in(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> tuple[to
     1/√in. Where even that does not fit, the NaN is left for the caller to refuse. (Not for a delta below what
     ``dtype`` holds: shared, its factors would come out subnormal, their precision silently lost; the caller refuses
     the all-zero factors the plain conversion gives.)"""
-    outB, outA = converted(B, dtype), converted(A, dtype)
-    if all_finite(outB) and all_finite(outA):
-        return outB, outA
+    if past_range(B, dtype) is None and past_range(A, dtype) is None:
+        return converted(B, dtype), converted(A, dtype)
     peakB = B.abs().amax(dim=0).double()
     peakA = A.abs().amax(dim=1).double()
     c = torch.where((peakB > 0) & (peakA > 0), (peakB / peakA.clamp_min(1e-300)).sqrt(), torch.ones_like(peakB))

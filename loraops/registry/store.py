@@ -34,7 +34,7 @@ from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, re
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       ParameterError, RegistryError, reworded)
 from ..landing import interrupts_deferred, tell
-from ..references import PATH, argument, is_finite, flags_checked
+from ..references import PATH, argument, flags_checked, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
 from ..st import dtype_name, without_torch
 from . import db, reads
