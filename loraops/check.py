@@ -1448,8 +1448,10 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
 
 DIFFUSION_MODEL = re.compile(r"^(?:model\.)?diffusion_model\.")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # (a diffusers model's weights file, sharded or not)
-# a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL (…double_blocks.0.…) name it
-DIT_NAMED = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]")
+# a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL
+# (…double_blocks.0.…) name it: a block's, or FLUX's outside the blocks (a LoRA of img_in alone was "not in base")
+DIT_NAMED = re.compile(r"(?:^|[._])(?:(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]"
+                       r"|(?:img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(?:[._]|$))")
 
 
 def transformer_class(manifest: Mapping[str, object]) -> str | None:
