@@ -143,8 +143,8 @@ def nuslerp(t, v0, v1, dim=-1, flatten=False, eps=1e-8):
 
 def model_stock(taus, filter_wise=False):
     """mergekit's model_stock with the base's weight at 0, as it is written (norm products clamped at 1e-6): the mean
-    of the pairwise cosines, t = N·cos/(1 + (N − 1)·cos), t·mean(τ); per row of the weight seen as a matrix
-    (filter_wise) or of the flattened weight."""
+    of the pairwise cosines, t = N·cos/(1 + (N − 1)·cos) (0 where the denominator is below 1e-6), t·mean(τ); per row
+    of the weight seen as a matrix (filter_wise) or of the flattened weight."""
     shape = taus[0].shape
     vectors = [t.reshape(shape[0], -1) if filter_wise else t.reshape(-1) for t in taus]
     cosines = []
@@ -154,7 +154,9 @@ def model_stock(taus, filter_wise=False):
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(taus)
-    t = n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # (mergekit 0.1.5: the base there, "instead of amplifying opposing updates")
+    t = torch.where(singular, 0, n * cos / torch.where(singular, 1, denominator))
     return (t * sum(vectors) / n).reshape(shape)
 
 

@@ -132,13 +132,24 @@ def test_nuslerp_of_parallel_and_zero_vectors():
 
 
 def test_model_stock_ratios():
-    """N = 2: equal task vectors (cos 1) give t = 1, their mean; exactly opposite ones make 1 + (N − 1)·cos = 0, where
-    mergekit divides by zero: ours keeps the base (ΔW = 0), finite."""
+    """N = 2: equal task vectors (cos 1) give t = 1, their mean; exactly opposite ones make 1 + (N − 1)·cos = 0: the
+    base (ΔW = 0), finite, as mergekit 0.1.5 keeps it below 1e-6. Nearly opposite ones (1 + cos θ ~ 3e-8) gave
+    t ~ 1e7, a ΔW 10⁴ times the inputs' (ours kept the base only below 1e-12): the base now, as mergekit."""
     one = lora_adapter({"m": (12, 20)}, rank=4, seed=1)
     same, _ = combine([(one, 1.0), (one, 1.0)], "model_stock", {}, device="cpu")
     torch.testing.assert_close(same.modules["m"].delta(), one.modules["m"].delta(), rtol=1e-5, atol=1e-6)
     opposite, _ = combine([(one, 1.0), (one, -2.0)], "model_stock", {"filter_wise": True}, device="cpu")
     assert not opposite.modules["m"].delta().any()
+    module = one.modules["m"]
+    other = lora_adapter({"m": (12, 20)}, rank=1, seed=2).modules["m"]
+    for delta, kept in ((1e-3, False), (1e-1, True)):  # 1 + cos θ: 5.5e-8 (below 1e-6), 5.5e-4
+        nearly = replace(one, modules={"m": replace(module, B=torch.cat([-module.B, delta * other.B], dim=1),
+                                                    A=torch.cat([module.A, other.A]), alpha=module.alpha * 5 / 4)})
+        result, _ = combine([(one, 1.0), (nearly, 1.0)], "model_stock", {}, device="cpu")
+        want = ref.model_stock([m.delta(dtype=torch.float64) for m in (module, nearly.modules["m"])])
+        got = result.modules["m"].delta(dtype=torch.float64)
+        assert bool(got.any()) == bool(want.any()) == kept
+        assert float((got - want).norm()) <= 1e-4 * float(want.norm())  # (t ~ 3600 amplifies float32's cosines)
 
 
 @pytest.mark.parametrize("method, params", [("nuslerp", {"flatten": False}), ("nuslerp", {}),

@@ -780,17 +780,24 @@ def at_least_two(method: str, weights: Sequence[float], params: Params) -> None:
                                 "angles between their task vectors")
 
 
+MODEL_STOCK_SINGULAR = 1e-6
+"""mergekit's `singular` cut-off on 1 + (N − 1)·cos θ in model_stock (0.1.5): below it, the base."""
+
+
 def model_stock(terms: list[Term], params: ModelStockParams, rank: int, ctx: Context) -> Refactored:
     """mergekit's model_stock with the base at ΔW = 0, on the weighted task vectors τᵢ' = wᵢτᵢ: cos θ the mean of the
     cosines between every two of the N τᵢ' (a zero vector: 0), t = N·cos θ / (1 + (N − 1)·cos θ), the result
-    t·Σ τᵢ'/N; per module, or per row of the base weight (filter_wise). Where 1 + (N − 1)·cos θ is 0 (the unit
-    vectors cancel out; it is never below 0), to 1e-12 for the roundings of the cosines, t is 0: the base."""
+    t·Σ τᵢ'/N; per module, or per row of the base weight (filter_wise). Where 1 + (N − 1)·cos θ is below 1e-6 (the
+    unit vectors nearly cancel out; it is never below 0), t is 0: the base, as mergekit (0.1.5) keeps it. That cut-off
+    is on a cosine, whatever the task vectors' size (unlike mergekit's cut-offs on norms, which loraops does not
+    take): just above it t is up to ~1e6, a ΔW that many times the inputs'."""
     vectors = _vectors(ctx, weight_rows=True) if params.filter_wise else "module"
     n = len(terms)
     points = coordinates(terms, vectors)
     cos = torch.stack([cosines(points[i], points[j]) for i in range(n) for j in range(i + 1, n)]).mean(dim=0)
     denominator = 1 + (n - 1) * cos
-    ratio = torch.where(denominator > 1e-12, n * cos / torch.where(denominator > 1e-12, denominator, 1), 0)
+    kept = denominator >= MODEL_STOCK_SINGULAR
+    ratio = torch.where(kept, n * cos / torch.where(kept, denominator, 1), 0)
     return combination(terms, [ratio / n] * n, vectors, rank)
 
 
