@@ -324,14 +324,14 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
+        if keep_name:  # in the block: a Ctrl-C landing here (after it) left the empty holder beside the output
+            with contextlib.suppress(OSError):
+                holder.rmdir()
     except BaseException:
         remove(holder)
         if replaced is not None:  # (a Ctrl-C once the new output landed: the old one is not left beside it)
             remove(replaced)
         raise
-    if keep_name:
-        with contextlib.suppress(OSError):  # empty now: the output landed whatever this does
-            holder.rmdir()
 
 
 RENAME_NOREPLACE = 1

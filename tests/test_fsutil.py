@@ -333,6 +333,28 @@ def test_keep_name_stages_the_output_under_its_own_name(tmp_path, is_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 
+@pytest.mark.parametrize("is_dir", [False, True], ids=["file", "folder"])
+def test_a_ctrl_c_as_the_kept_name_holder_goes_leaves_no_sibling(tmp_path, monkeypatch, is_dir):
+    """The empty holder of a keep_name output was removed after the block that cleans up: a Ctrl-C landing there (the
+    output written, export's or combine -o's) left `.loraops-tmp-out.<hex>` beside it, which only a SIGKILL may."""
+    from pathlib import Path
+
+    rmdir = Path.rmdir
+
+    def interrupted(self):
+        if self.name.startswith(fsutil.TMP_MARK):
+            raise KeyboardInterrupt  # (where a pending SIGINT is raised, as the holder goes)
+        rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", interrupted)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        with fsutil.atomic_path(out, is_dir=is_dir, keep_name=True) as tmp:
+            (tmp / "f" if is_dir else tmp).write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+    assert (out / "f" if is_dir else out).read_bytes() == b"new"
+
+
 def test_json_with_a_lone_surrogate_escape_is_refused_in_one_line(tmp_path):
     """"\\udcff" is JSON that json.loads reads, but no Unicode text: an adapter_config.json's base_model_name_or_path
     holding one was a UnicodeEncodeError traceback from the database driver at `register` (asked for that base)."""
