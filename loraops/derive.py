@@ -480,7 +480,7 @@ def combine(
         lineage = LineageSpec(
             op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank,
                                                  **lineage_dtype(dtype), **blocks.lineage(block_weights)}, conv_rank),
-            inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w)
+            inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w, ref=i.record.ref)
                     for i, (_, w) in zip(inputs, refs, strict=True)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
@@ -573,7 +573,7 @@ def resize(
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                         conv_rank=conv_rank, device=device, precise=precise, out_dtype=computed)
         lineage = LineageSpec(op="resize", params={**lineage_rule(rule), **lineage_dtype(dtype)},
-                              inputs=[LineageInput(kind="adapter", id=source.record.id)])
+                              inputs=[LineageInput(kind="adapter", id=source.record.id, ref=source.record.ref)])
         default = rank_name(source.record.name, rule, (
             (min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:])),
              m.spatial) for m in source.adapter.modules.values()))
@@ -788,8 +788,8 @@ def extract(
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,
             **({"keep_rounding": True} if keep_rounding else {}),
             "dtype": dtype_name(derived.adapter.dtype),
-        }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
-                   LineageInput(kind="base", id=tuned_record.id, role="tuned")])
+        }, inputs=[LineageInput(kind="base", id=base_record.id, role="base", ref=base_record.name),
+                   LineageInput(kind="base", id=tuned_record.id, role="tuned", ref=tuned_record.name)])
         default = rank_name(tuned_record.name, rule, ((min(m.B.shape[0], math.prod(m.A.shape[1:])), m.spatial)
                                                       for m in derived.adapter.modules.values()))
         result = save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,

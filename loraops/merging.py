@@ -394,10 +394,10 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     if report.operation == "restore":
         params["restored"] = True
     lineage = LineageSpec(op=op, params=params, inputs=[
-        LineageInput(kind="base", id=source_record.id, role="base"),
+        LineageInput(kind="base", id=source_record.id, role="base", ref=source_record.name),
         # (the role of an adapter sent to a pipeline component alone is that component: `base show` names it)
-        *(LineageInput(kind="adapter", id=i.registry_id, weight=sign * i.weight, role=i.component or "adapter")
-          for i in inputs if i.registry_id is not None),
+        *(LineageInput(kind="adapter", id=i.registry_id, weight=sign * i.weight, role=i.component or "adapter",
+                       ref=i.label) for i in inputs if i.registry_id is not None),
     ])
     try:
         record, created = reg.register_base(report.output, name=free_name(reg, report.output) if name is None else name,

@@ -247,6 +247,9 @@ class LineageInput(Record):
     id: int
     weight: float | None = None
     role: str | None = None
+    ref: str | None = None
+    """The reference it was found by (name@version, a base's name), for messages only: an input another process
+    removed meanwhile is named so, not by its id."""
 
 
 class LineageSpec(Record):

@@ -189,6 +189,24 @@ def test_rm_versions_blobs_and_lineage(reg, art):
         reg.remove_adapter("ad1")
 
 
+def test_an_input_removed_meanwhile_is_named_by_its_reference(reg, art):
+    """`combine pa pb` while another process ran `rm pa` failed with `lineage input: no adapter with id 1 in the
+    registry`, an id the user never gave: the reference it was found by is named, and nothing is recorded."""
+    a1 = reg.add_adapter(art["ad1"])
+    gone = LineageSpec(op="combine", inputs=[LineageInput(kind="adapter", id=a1.id, ref="ad1@1")])
+    reg.remove_adapter("ad1")
+    with pytest.raises(NotFoundError, match=r"^adapter ad1@1 was removed from the registry while this ran \(by another "
+                                            r"process\?\): nothing was recorded$"):
+        reg.add_adapter(art["ad2"], name="combo", lineage=gone)
+    base_gone = LineageSpec(op="extract", inputs=[LineageInput(kind="base", id=999, ref="llama", role="base")])
+    with pytest.raises(NotFoundError, match=r"^base llama was removed from the registry while this ran"):
+        reg.add_adapter(art["ad2"], name="combo", lineage=base_gone)
+    with pytest.raises(NotFoundError, match=r"^lineage input: no adapter with id 999 in the registry$"):
+        reg.add_adapter(art["ad2"], name="combo", lineage=LineageSpec(op="x", inputs=[LineageInput(kind="adapter",
+                                                                                                    id=999)]))
+    assert reg.list_adapters() == []
+
+
 def test_rm_all_takes_a_name_not_one_version(reg, art):
     """`rm ad1@2 --all` removed ad1@1 too: a reference to one version (or an id) with --all is refused, and nothing
     goes."""

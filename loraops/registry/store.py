@@ -1133,7 +1133,10 @@ class Registry:
         for position, item in enumerate(spec.inputs):
             found = s.get(SqlAdapter if item.kind == "adapter" else SqlBase, item.id)
             if found is None:
-                raise NotFoundError(f"lineage input: no {item.kind} with id {item.id} in the registry")
+                if item.ref is None:
+                    raise NotFoundError(f"lineage input: no {item.kind} with id {item.id} in the registry")
+                raise NotFoundError(f"{item.kind} {item.ref} was removed from the registry while this ran (by another "
+                                    "process?): nothing was recorded")
             if item.kind == "adapter":
                 row = SqlLineageInput(adapter_id=found.id, label=f"{found.name}@{found.version}", sha256=found.sha256)
             else:
