@@ -305,6 +305,36 @@ def test_a_ctrl_c_as_the_run_ends_is_one_line_not_a_traceback(tmp_path):
     assert log.read_text().splitlines()[-1] == "error: interrupted", log.read_text()
 
 
+CTRL_C_IN_CLI_IMPORT = """
+import importlib.abc, signal, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):  # a Ctrl-C as loraops.cli imports click, ~50 ms into the command
+    def find_spec(self, name, path, target=None):
+        if name == "click":
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["loraops", "list"]
+import runpy
+runpy.run_module("loraops", run_name="__main__")
+"""
+
+
+def test_a_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(tmp_path):
+    """A Ctrl-C in a command's first ~50 ms, while loraops.cli (and click) were imported by the console script, was
+    Python's KeyboardInterrupt traceback: the entry (loraops.start, console script and `python -m loraops`) says it
+    in one line, exit 130, nothing written."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORAOPS_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_CLI_IMPORT], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted\n")
+    assert not (tmp_path / "home").exists()
+
+
 def test_an_exception_that_escapes_a_forked_command_is_printed_and_exits_1(forks, tmp_path):
     """What `python -m loraops` does with an uncaught exception (print it, exit 1), the fork server's child does too,
     so a traceback still reaches a test that runs commands through it (factories.loraops_run)."""
