@@ -237,8 +237,8 @@ def factors_in(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> tuple[to
     1/√in. Where even that does not fit, the NaN is left for the caller to refuse. (Not for a delta below what
     ``dtype`` holds: shared, its factors would come out subnormal, their precision silently lost; the caller refuses
     the all-zero factors the plain conversion gives.)"""
-    if past_range(B, dtype) is None and past_range(A, dtype) is None:
-        return converted(B, dtype), converted(A, dtype)
+    if past_range(B, dtype) is None and past_range(A, dtype) is None:  # (converted's own scan would find nothing)
+        return B.to(device="cpu", dtype=dtype), A.to(device="cpu", dtype=dtype)
     peakB = B.abs().amax(dim=0).double()
     peakA = A.abs().amax(dim=1).double()
     c = torch.where((peakB > 0) & (peakA > 0), (peakB / peakA.clamp_min(1e-300)).sqrt(), torch.ones_like(peakB))
