@@ -1419,10 +1419,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
     is certain: the path ``subpath`` names, or without it the repo's top-level PEFT folder (what
     select_adapter_files takes first). Offline, a commit-sha prefix is matched against the recorded commits."""
     prefix = f"{SOURCE_PREFIX}{ref.repo_id}@"
-    # (push tags a one-file adapter it put at the top level without its path, which names the top-level PEFT folder)
-    pulled = [(source, a) for a in registry.list_adapters(modules=False)
-              for source in (a.source, *(t for t in a.tags if "/" in t[len(prefix):] or a.format == "peft"))
-              if (source or "").startswith(prefix)]
+    pulled = [(source, a) for a in registry.list_adapters(modules=False) for source in _repo_sources(a, prefix)]
     if not pulled:
         return None
     commits = {source[len(prefix):].partition("/")[0] for source, _ in pulled}
@@ -1445,6 +1442,14 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
         parent = str(PurePosixPath(scope).parent)
         wanted.add(hub_source(ref.repo_id, commit, "" if parent == "." else parent))
     return next(((commit, a, source) for source, a in pulled if source in wanted), None)
+
+
+def _repo_sources(adapter: "records.AdapterRecord", prefix: str) -> list[str]:
+    """Where ``adapter`` came from or went to in one repo (``prefix``: hf://owner/name@): its source, and its tags of
+    that form — a pathless one only for a PEFT adapter: it names the top-level PEFT folder, and push tags a one-file
+    adapter it put at the top level so too."""
+    tags = [t for t in adapter.tags if t.startswith(prefix) and ("/" in t[len(prefix):] or adapter.format == "peft")]
+    return [source for source in (adapter.source, *tags) if (source or "").startswith(prefix)]
 
 
 @watched()
