@@ -624,6 +624,20 @@ def attending_up_levels(names: Iterable[str]) -> set[int]:
             and m["kind"] == "up_blocks" and m["part"] == "attentions"}
 
 
+def ldm_levels(names: Iterable[str]) -> bool:
+    """Whether a whole diffusers UNet (its module names) has two resnets in each down level and three in each up
+    level, the layout checkpoint paths number (input_blocks.3·level + slot + 1, output_blocks.3·level + slot), as
+    every SD 1.x/2.x/SDXL UNet has. A distilled UNet of one resnet a level holds its modules at other paths: taken
+    for this layout, an up level's second resnet was its first, and an sgm-named LoRA of it bound there silently
+    where the two shapes agree."""
+    slots: dict[tuple[str, str], set[int]] = {}
+    for name in names:
+        match = DIFFUSERS_BLOCK_RE.match(name.removeprefix(DIFFUSERS_UNET))
+        if match and match["part"] == "resnets" and match["kind"] != "mid_block":
+            slots.setdefault((match["kind"], match["level"]), set()).add(int(match["slot"]))
+    return all(held == ({0, 1} if kind == "down_blocks" else {0, 1, 2}) for (kind, _), held in slots.items())
+
+
 def checkpoint_paths(names: Iterable[str], *, whole: bool = False,
                      attending: Iterable[int] | None = None) -> dict[str, str]:
     """{diffusers UNet module name ("unet.down_blocks.1.attentions.0.proj_in"): its checkpoint path
@@ -633,9 +647,10 @@ def checkpoint_paths(names: Iterable[str], *, whole: bool = False,
     output_blocks.N.1.conv. Which levels attend: ``attending`` where given (the bound base's: up_attention), else
     those ``names`` show attentions of — all of them in a ``whole`` UNet (a pipeline's); in an adapter that shows none
     of a level its upsampler is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all
-    where any of them is no SD-family UNet's module (SD_DIFFUSERS_UNET)."""
+    where any of them is no SD-family UNet's module (SD_DIFFUSERS_UNET), or a ``whole`` UNet is not of the layout
+    checkpoint paths number (ldm_levels)."""
     names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
-    if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
+    if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names) or whole and not ldm_levels(names):
         return {}
     known = attending is not None
     attends = set(attending) if known else attending_up_levels(names)
@@ -897,6 +912,12 @@ OTHER_UNET_KEY = "loraops_unet"
 adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
 
 
+UNET_LEVELS_KEY = "loraops_unet_levels"
+"""Metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts would name by checkpoint paths but whose
+levels are not the layout those number (ldm_levels: a distilled UNet), in memory ("other"): the kohya writer refuses
+to name its modules so."""
+
+
 def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
     """The up levels the header says (UP_ATTENTION_KEY) the bound pipeline's UNet attends in, None where it says
     nothing, or nothing binding would record (a file's header that has the key: no writer writes it)."""
@@ -999,13 +1020,15 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
     # (the base says, or nothing does)
-    metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY)}
+    metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY, UNET_LEVELS_KEY)}
     if base.get("ss_base_model_version", "").startswith("sdxl") or OTHER_UNET_KEY in base:
         # its modules, not its tensors: SVD's UNet also holds parameters of no module (time_mixer.mix_factor), which
         # checkpoint_paths takes for a UNet of other blocks
         pipeline = [name for name in checkpoint_modules(tensors) if name.startswith(DIFFUSERS_UNET)]
         if checkpoint_paths(pipeline, whole=True):
             metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
+        elif pipeline and not ldm_levels(pipeline):
+            metadata[UNET_LEVELS_KEY] = "other"
     return {**metadata, **{k: v for k, v in base.items()
                            if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}
 

@@ -1017,3 +1017,51 @@ def test_a_combine_of_diffusers_and_kohya_flux_loras_is_written_as_diffusers(tmp
     combined, _ = algebra.combine([(diffusers_lora, 1.0), (kohya, 1.0)], "cat", device="cpu")
     back = formats.read_adapter(formats.write_adapter(combined, tmp_path / "c.safetensors", "diffusers"))
     assert sorted(back.modules) == sorted(FLUX_LORA)  # img_in, from the kohya input alone, as transformer.x_embedder
+
+
+def test_a_distilled_unet_of_one_resnet_a_level_is_not_named_by_ldm_checkpoint_paths(tmp_path):
+    """Checkpoint paths number two resnets per down level and three per up level (input_blocks.3·level + slot + 1).
+    A pipeline's UNet of one resnet a level (a distilled SDXL) was taken for that layout: the sgm name of its up level
+    1's second resnet (output_blocks.3.0, in its own checkpoint) bound to the first (up_blocks.1.resnets.0), silently
+    where their shapes agree (conv2), and an adapter bound to it was written `--format kohya` under such names. The
+    names do not bind now ("not in base"), and the kohya writer refuses; diffusers names still work."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from loraops.basemodel import BaseModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64, norm_num_groups=8,
+        attention_head_dim=(2, 4), block_out_channels=(16, 32), use_linear_projection=True,
+        transformer_layers_per_block=(1, 1), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    pipe = tmp_path / "pipe"
+    unet.save_pretrained(pipe / "unet")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    conv2 = dict(unet.named_modules())["up_blocks.1.resnets.1.conv2"].weight.shape
+    assert conv2 == dict(unet.named_modules())["up_blocks.1.resnets.0.conv2"].weight.shape  # (the silent case)
+    g = torch.Generator().manual_seed(1)
+    key = "lora_unet_output_blocks_3_0_out_layers_3"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, conv2[1], 3, 3, generator=g),
+               f"{key}.lora_up.weight": torch.randn(conv2[0], 2, 1, 1, generator=g), f"{key}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "sgm.safetensors"), {"ss_network_module": "networks.lora",
+                                                  "ss_base_model_version": "sdxl_base_v1-0"})
+    report = check.check(formats.read_adapter(tmp_path / "sgm.safetensors"), BaseModel.open(pipe))
+    assert not report.ok and report.matched == 0 and report.missing == [key]
+
+    save_file({"unet.up_blocks.1.resnets.0.conv2.lora_A.weight": torch.randn(2, conv2[1], 3, 3, generator=g),
+               "unet.up_blocks.1.resnets.0.conv2.lora_B.weight": torch.randn(conv2[0], 2, 1, 1, generator=g)},
+              str(tmp_path / "diffusers.safetensors"))
+    run("base", "add", pipe, "--name", "distilled")
+    refused = run("export", tmp_path / "diffusers.safetensors", "--format", "kohya", "--base", "distilled", "-o",
+                  tmp_path / "k.safetensors", code=2)
+    assert refused.output == (
+        f"error: {tmp_path / 'diffusers.safetensors'}: sd-scripts names the SDXL UNet by checkpoint paths, which "
+        "number two resnets per down level and three per up level; the bound pipeline's UNet has other levels (a "
+        "distilled one), so those names would be other modules': write it as diffusers or peft\n")
+    assert not (tmp_path / "k.safetensors").exists()
+    run("export", tmp_path / "diffusers.safetensors", "--format", "diffusers", "--base", "distilled", "-o",
+        tmp_path / "d.safetensors")

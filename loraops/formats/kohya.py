@@ -223,6 +223,12 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     # a UNet of no sd-scripts model (the x4 upscaler's, SVD's, AudioLDM's): by its checkpoint paths, as SDXL's, which
     # ComfyUI applies to any UNet it loads (lora_unet_ + the path)
     by_path = bool(sdxl) or other is not None
+    if by_path and adapter.metadata.get(ldm.UNET_LEVELS_KEY) and any(n.startswith(ldm.DIFFUSERS_UNET)
+                                                                    for n in adapter.modules):
+        raise FormatError(
+            f"{adapter.label}: sd-scripts names the {'SDXL' if sdxl else other.name} UNet by checkpoint paths, which "
+            "number two resnets per down level and three per up level; the bound pipeline's UNet has other levels (a "
+            "distilled one), so those names would be other modules': write it as diffusers or peft")
     # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so
     at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata))
 
