@@ -145,46 +145,35 @@ def lora_targets(case, comps):
 
 
 # sgm (SDXL checkpoint) names for kohya SDXL LoRAs, from the tiny UNet's layout
-def sgm_name(path: str, layers: int, fam: str) -> str | None:
-    """diffusers UNet module path → the sgm/LDM module path sd-scripts uses for SDXL."""
-    top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
            "add_embedding.linear_2": "label_emb.0.2"}
-    if path in top:
-        return top[path]
-    per = layers + 1  # input blocks per level (resnets + downsampler)
-    name = path + "."
-    res = [("in_layers.2", "conv1"), ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"),
-           ("skip_connection", "conv_shortcut")]
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            for sd, hf in res:
-                rest = rest.replace(f"{hf}.", f"{sd}.", 1) if rest.startswith(f"{hf}.") else rest
-        return f"input_blocks.{per * i + j + 1}.{0 if kind == 'resnets' else 1}.{rest}".rstrip(".")
-    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", name)
-    if m:
+SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+
+def sgm_block(kind: str, rest: str) -> str:
+    """A resnet's or an attention's module path inside its LDM block: (sub-index, path)."""
+    if kind == "resnets":
+        leaf, dot, tail = rest.partition(".")
+        return f"0.{SGM_RESNET.get(leaf, leaf)}{dot}{tail}"
+    return f"1.{rest}"
+
+
+def sgm_name(path: str, layers: int, fam: str) -> str | None:
+    """diffusers UNet module path → the sgm/LDM module path sd-scripts uses for SDXL (None: an up level's upsampler,
+    whose slot depends on the level's attention)."""
+    if path in SGM_TOP:
+        return SGM_TOP[path]
+    per = layers + 1  # blocks per level: the resnets, then the downsampler (down) or one more resnet (up)
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", path):
+        first = per * int(m[2]) + int(m[4]) + (m[1] == "down")
+        return f"{'input' if m[1] == 'down' else 'output'}_blocks.{first}.{sgm_block(m[3], m[5])}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path):
         return f"input_blocks.{per * (int(m[1]) + 1)}.0.op"
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            for sd, hf in res:
-                rest = rest.replace(f"{hf}.", f"{sd}.", 1) if rest.startswith(f"{hf}.") else rest
-        return f"output_blocks.{(layers + 1) * i + j}.{0 if kind == 'resnets' else 1}.{rest}".rstrip(".")
-    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.", name)
-    if m:
-        # slot: after the resnet (and attention) of the level's last block
-        return None
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", name)
-    if m:
-        kind, j, rest = m[1], int(m[2]), m[3]
-        if kind == "resnets":
-            for sd, hf in res:
-                rest = rest.replace(f"{hf}.", f"{sd}.", 1) if rest.startswith(f"{hf}.") else rest
-            return f"middle_block.{2 * j}.{rest}".rstrip(".")
-        return f"middle_block.1.{rest}".rstrip(".")
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", path):
+        held = sgm_block(m[1], m[3])
+        return f"middle_block.{2 * int(m[2])}.{held[2:]}" if m[1] == "resnets" else f"middle_block.{held}"
     return None
 
 
