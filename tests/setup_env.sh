@@ -15,6 +15,6 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   # mergekit itself, the reference of tests/test_combine_mergekit_package.py: its merge methods need only torch and
   # pydantic, while its declared dependencies (datasets, scipy, accelerate, …) would add minutes to every install
   "$PY" -m pip install -q --disable-pip-version-check --no-deps "mergekit==0.1.5" 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "import loraops, torch, peft, transformers, mergekit.merge_methods" && touch "$stamp"
+  "$PY" -c "import loraops, torch, peft, transformers, mergekit.merge_methods, lycoris" && touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

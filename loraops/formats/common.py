@@ -60,8 +60,13 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
                           "lora_magnitude_vector"),
     *PRODUCT_MARKERS,
     (r"(^|\.)ia3_l(\.|$)", "an IA3 adapter (ia3_l, learned rescaling vectors)"),
-    (r"^lora_[a-z0-9]+_[^.]*\.on_input$", "a LyCORIS (IA)³ adapter (on_input, learned rescaling vectors)"),
-    (r"^lora_[a-z0-9]+_[^.]*\.(a1|a2|b1|b2|bm)\.weight$", "a LyCORIS GLoRA adapter (a1/a2/b1/b2, generalised LoRA)"),
+    # (kohya's lora_unet_/lora_te_… names, or LyCORIS' own network's lycoris_…)
+    (r"^(lora_[a-z0-9]+|lycoris)_[^.]*\.on_input$", "a LyCORIS (IA)³ adapter (on_input, learned rescaling vectors)"),
+    (r"^(lora_[a-z0-9]+|lycoris)_[^.]*\.(a1|a2|b1|b2|bm)\.weight$",
+     "a LyCORIS GLoRA adapter (a1/a2/b1/b2, generalised LoRA)"),
+    (r"^(lora_[a-z0-9]+|lycoris)_[^.]*\.(lambda_layer|[pq]_layer\.weight)$",
+     "a LyCORIS T-LoRA adapter (p_layer/q_layer/lambda_layer: its ΔW depends on the timestep and on its initial "
+     "factors, which the file does not hold)"),
     (r"(^|\.)(oft_r|oft_blocks|oft_diag)(\.|$)", "an OFT adapter (orthogonal finetuning)"),
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
     ADALORA_MARKER,

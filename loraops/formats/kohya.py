@@ -126,6 +126,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         if "mid" in parts:
             stored = (down, tensors[parts["mid"]], up)
             down = tucker_down(path, name, down, tensors[parts["mid"]], parts)
+        if down.dim() in (3, 4, 5) and up.dim() == 2:  # LyCORIS' DyLoRA saves a conv's lora_up out×r: the same B
+            up = up.reshape(*up.shape, *[1] * (down.dim() - 2))
         modules[name] = common.build_module(
             path, name, down, up, a_key=parts["down"], b_key=parts["up"],
             alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra, stored=stored,
