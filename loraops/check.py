@@ -49,9 +49,11 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # no CLIP's, so the two forms never meet
     ("text_encoder_2.", ("lora_te2", "lora_te3")),
     ("text_encoder_3.", ("lora_te3",)),
-    ("model.diffusion_model.", ("lora_unet",)),
+    # (lycoris_: SimpleTuner's DiT LoRAs, which ComfyUI applies to a checkpoint it saved too; lora_unet__: VideoX-Fun's
+    # Wan LoRAs, read as lora_unet_ by ComfyUI's convert_lora_wan_fun)
+    ("model.diffusion_model.", ("lora_unet", "lycoris", "lora_unet_")),
     *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
-    ("", ("lora_unet", "lycoris")),
+    ("", ("lora_unet", "lycoris", "lora_unet_")),
 )
 SHOWN = 5
 
@@ -1260,11 +1262,16 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     # a checkpoint saved from the bare model lacks its base_model_prefix (GPT-2's and BLOOM's own: wte, h.0…, where
     # PEFT says transformer.wte), the head beside it keeping its name: transformers adds the prefix on load
     leading = Counter(n.partition(".")[0] for n in wanted if "." in n.partition(".")[2]).most_common(1)
-    if leading and leading[0][0] != "model":
-        candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
+    strip = f"{leading[0][0]}." if leading and leading[0][0] != "model" else None
+    if strip is not None:
+        candidates.insert(2, lambda n, prefix=strip: n.removeprefix(prefix))
     # a DiT's original module paths (Wan's blocks.0.self_attn.q) bare, behind ComfyUI's diffusion_model. or behind
-    # model.diffusion_model., whichever of these the checkpoint (or a pipeline's, ldm.pipeline_dit) has
+    # model.diffusion_model., whichever of these the checkpoint (or a pipeline's, ldm.pipeline_dit) has; and behind
+    # a component (ai-toolkit's and diffusion-pipe's transformer.) on a checkpoint saved by ComfyUI
+    # (model.diffusion_model.), as ComfyUI's key maps take both
     candidates += [lambda n: ldm.UNET_PREFIX + n, lambda n: DIFFUSION_MODEL.sub("", n)]
+    if strip is not None:
+        candidates.append(lambda n, prefix=strip: ldm.UNET_PREFIX + n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
         # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
@@ -1355,7 +1362,8 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
 
 def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     """kohya stores 1×1 convs as 4-D factors and sometimes targets a Linear with them (and vice versa): reshape the
-    factors to the base's kind when only the trailing 1×1 differs. LoHa/LoKr (PEFT's and LyCORIS') and PEFT's AdaLoRA
+    factors to the base's kind when only the trailing 1×1 differs, or when 2-D factors are a conv's flattened
+    (out × in·k…, as ComfyUI applies them). LoHa/LoKr (PEFT's and LyCORIS') and PEFT's AdaLoRA
     store a conv's factors flattened, out × in·k…: the base's shape says the kernel."""
     shape = module.weight_shape
     if module.product is not None or module.method == "adalora":
@@ -1364,17 +1372,24 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
         if base_shape in (shape, shape[::-1]):  # a Linear (a Conv1D stored in×out: fit_orientation's business)
             return replace(module, inputs_known=True)
         if len(base_shape) >= 2 and base_shape[0] == shape[0] and math.prod(base_shape[1:]) == math.prod(shape[1:]):
-            r = module.A.shape[0]
-            return replace(module, kind="conv" if len(base_shape) > 2 else "linear", inputs_known=True,
-                           A=module.A.reshape(r, *base_shape[1:]), B=module.B.reshape(shape[0], r, *[1] * (len(base_shape) - 2)))
+            return _factors_shaped(module, base_shape, inputs_known=True)
         return module
     if module.kind == "conv" and shape[2:] == (1, 1) and base_shape == shape[:2]:
         B2, A2 = module.matrices()
         return replace(module, kind="linear", A=A2, B=B2)
-    if module.kind == "linear" and not module.transposed and base_shape == (*shape, 1, 1):
-        return replace(module, kind="conv", A=module.A.reshape(*module.A.shape, 1, 1),
-                       B=module.B.reshape(*module.B.shape, 1, 1))
+    # 2-D factors on a conv: a 1×1's, or a k×k's flattened out × in·k… (ComfyUI applies them so): the base's kernel
+    if (module.kind == "linear" and not module.transposed and len(base_shape) > 2 and base_shape[0] == shape[0]
+            and math.prod(base_shape[1:]) == shape[1]):
+        return _factors_shaped(module, base_shape)
     return module
+
+
+def _factors_shaped(module: LoraModule, base_shape: tuple[int, ...], **changes) -> LoraModule:
+    """``module`` with A r × (the base's inputs and kernel) and B out × r × 1…: a conv's factors for a conv base, a
+    Linear's for a 2-D one."""
+    r = module.A.shape[0]
+    return replace(module, kind="conv" if len(base_shape) > 2 else "linear", A=module.A.reshape(r, *base_shape[1:]),
+                   B=module.B.reshape(base_shape[0], r, *[1] * (len(base_shape) - 2)), **changes)
 
 
 def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -> Adapter:

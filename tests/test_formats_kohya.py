@@ -206,3 +206,23 @@ def test_malformed_tucker_is_a_one_line_error(change, message, tmp_path):
     path, _ = _tucker_file(tmp_path / "bad.safetensors", **change)
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         read_adapter(path)
+
+
+def test_a_zero_alpha_is_the_rank_and_a_note_says_comfyui_differs(tmp_path, caplog):
+    """An .alpha of 0 is read as alpha = r (sd-scripts' and LyCORIS' rule), where ComfyUI computes 0/r and applies
+    the module at scale 0: a note says so (a merge checked in ComfyUI rendered otherwise without a word). Not with
+    alpha= given, nor for a nonzero alpha."""
+    import logging
+
+    modules = {"lora_unet_a": ((16,), (24,)), "lora_unet_b": ((16,), (24,))}
+    path = factories.kohya_file(tmp_path / "k.safetensors", modules, rank=4, alpha=0.0)
+    with caplog.at_level(logging.INFO, logger="loraops"):
+        adapter = read_adapter(path)
+    assert {(m.alpha, m.scale) for m in adapter.modules.values()} == {(4, 1.0)}
+    assert caplog.messages == [f"{path}: .alpha is 0 in 2 of 2 modules (lora_unet_a): read at alpha = rank (scale 1), "
+                               "as kohya's sd-scripts and LyCORIS read it; ComfyUI applies such a module at scale 0"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loraops"):
+        read_adapter(path, alpha=2)
+        read_adapter(factories.kohya_file(tmp_path / "one.safetensors", modules, rank=4, alpha=1.0))
+    assert caplog.messages == []

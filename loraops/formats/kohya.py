@@ -115,10 +115,17 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise FormatError(f"{path}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     unscaled = [name for name, parts in found.items() if "alpha" not in parts]
+    zero_alphas: list[str] = []
+
+    def alpha_of(name: str, key: str | None) -> float | None:
+        read = module_alpha(path, tensors, key, alpha)
+        if read is None and key is not None and alpha is None:  # (a stored 0)
+            zero_alphas.append(name)
+        return read
+
     modules = {}
     for name, parts in sorted(products.items()):
-        stored = parts.pop("alpha", None)
-        modules[name] = lycoris.build(path, name, parts, tensors, alpha=module_alpha(path, tensors, stored, alpha))
+        modules[name] = lycoris.build(path, name, parts, tensors, alpha=alpha_of(name, parts.pop("alpha", None)))
     for name, parts in sorted(found.items()):
         down, up = tensors[parts["down"]], tensors[parts["up"]]
         extra = tuple(parts[part] for part in ("mid", "alpha") if part in parts)
@@ -130,10 +137,14 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             up = up.reshape(*up.shape, *[1] * (down.dim() - 2))
         modules[name] = common.build_module(
             path, name, down, up, a_key=parts["down"], b_key=parts["up"],
-            alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra, stored=stored,
+            alpha=alpha_of(name, parts.get("alpha")), extra_keys=extra, stored=stored,
         )
     if alpha is None:
         note_missing_alphas(path, header.metadata, [modules[name] for name in unscaled], len(modules))
+    if zero_alphas:
+        logging.getLogger("loraops").info(
+            f"{path}: .alpha is 0 in {len(zero_alphas)} of {len(modules)} modules ({zero_alphas[0]}): read at alpha = "
+            "rank (scale 1), as kohya's sd-scripts and LyCORIS read it; ComfyUI applies such a module at scale 0")
     return Adapter(modules=dict(sorted(modules.items())), format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
 
 
