@@ -1235,6 +1235,19 @@ def clip_layout(names: Iterable[str]):
     return rename
 
 
+# ComfyUI's in-memory text encoders of SD 1.x (clip_l), SD 2.x (clip_h) and SDXL (clip_l, clip_g; the refiner's
+# clip_g), as its key map names them for a LoRA, → the pipeline components diffusers (and ldm.diffusers_names) gives them
+COMFYUI_TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder.",
+                         "text_encoders.clip_h.transformer.": "text_encoder.",
+                         "text_encoders.clip_g.transformer.": "text_encoder_2."}
+
+
+def comfyui_name(name: str) -> str:
+    """A module name in ComfyUI's LoRA names → the diffusers pipeline's (a text encoder's) or the checkpoint's."""
+    prefix = next((p for p in COMFYUI_TEXT_ENCODERS if name.startswith(p)), None)
+    return f"model.{name}" if prefix is None else COMFYUI_TEXT_ENCODERS[prefix] + name[len(prefix):]
+
+
 def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
     leading ``model.``, a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint, and a model
@@ -1279,7 +1292,11 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.append(lambda n: checkpoint_name(f"transformer.{n}"))
     candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout(manifest)]
     if aliases:
-        candidates.append(lambda n, to_aliases=clip_layout(aliases): checkpoint_name(to_aliases(n)))
+        to_aliases = clip_layout(aliases)
+        candidates.append(lambda n: checkpoint_name(to_aliases(n)))
+        # ComfyUI's names of a LoRA it saved (its text encoders text_encoders.clip_l.transformer.…, its denoiser
+        # diffusion_model.…) on an SD/SDXL checkpoint that stores the encoders otherwise
+        candidates.append(lambda n: checkpoint_name(to_aliases(comfyui_name(n))))
 
     def present(tensor: str, shape, tied: bool) -> bool:
         module = tensor.removesuffix(".weight")

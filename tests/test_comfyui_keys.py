@@ -398,3 +398,38 @@ def test_two_d_factors_on_a_kxk_conv_are_its_flattened_factors(tmp_path):
         lora |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(1.5)}
         expected[tensor] = base[tensor].double() + 0.5 * (up.double() @ down.double()).reshape(base[tensor].shape)
     merged_equals_comfyui(tmp_path, base, lora, expected)
+
+
+def test_comfyui_saved_lora_names_bind_to_sd_checkpoints(tmp_path):
+    """A LoRA ComfyUI saved names its denoiser's modules diffusion_model.… and its text encoders'
+    text_encoders.clip_l.transformer.… (clip_g for SDXL's OpenCLIP, in HF names: q/k/v are rows of its in_proj_weight),
+    as model_lora_keys_clip's generic loop maps them; they were "not in base" on SD 1.5 and SDXL checkpoints."""
+    g = Gen(38)
+    base, _ = sd15_checkpoint(g)
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0."
+    targets = {f"text_encoders.clip_l.transformer.text_model.encoder.layers.0.{m}": (f"{te}{m}.weight", None)
+               for m in ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1")}
+    targets |= {f"diffusion_model.{n}": (f"model.diffusion_model.{n}.weight", None)
+                for n in ("input_blocks.1.1.proj_in", "input_blocks.1.0.in_layers.2", "output_blocks.3.1.proj_out")}
+    lora, expected = build(g, targets, base, "kohya")
+    (tmp_path / "sd15").mkdir()
+    merged_equals_comfyui(tmp_path / "sd15", base, lora, expected)
+
+    d, l, bigg = 16, "conditioner.embedders.0.transformer.text_model.encoder.layers.0.", "conditioner.embedders.1.model."
+    base = {f"{l}self_attn.{m}.weight": g(d, d) for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    base |= {f"{l}mlp.fc1.weight": g(2 * d, d), f"{l}mlp.fc2.weight": g(d, 2 * d),
+             f"{bigg}transformer.resblocks.0.attn.in_proj_weight": g(3 * d, d),
+             f"{bigg}transformer.resblocks.0.attn.out_proj.weight": g(d, d),
+             f"{bigg}transformer.resblocks.0.mlp.c_fc.weight": g(2 * d, d),
+             f"{bigg}transformer.resblocks.0.mlp.c_proj.weight": g(d, 2 * d),
+             f"{bigg}token_embedding.weight": g(50, d), "conditioner.embedders.0.transformer.text_model.embeddings."
+             "token_embedding.weight": g(50, d)}
+    g_layer, fused = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.", f"{bigg}transformer.resblocks.0."
+    targets = {f"text_encoders.clip_l.transformer.text_model.encoder.layers.0.{m}": (f"{l}{m}.weight", None)
+               for m in ("self_attn.k_proj", "mlp.fc2")}
+    targets |= {f"{g_layer}self_attn.{p}_proj": (f"{fused}attn.in_proj_weight", (i * d, d)) for i, p in enumerate("qkv")}
+    targets |= {f"{g_layer}self_attn.out_proj": (f"{fused}attn.out_proj.weight", None),
+                f"{g_layer}mlp.fc1": (f"{fused}mlp.c_fc.weight", None)}
+    lora, expected = build(g, targets, base, "kohya")
+    (tmp_path / "sdxl").mkdir()
+    merged_equals_comfyui(tmp_path / "sdxl", base, lora, expected)
