@@ -1287,9 +1287,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.append(lambda n, prefix=strip: ldm.UNET_PREFIX + n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
-        # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
-        # as diffusers' load_lora_adapter(prefix=None) and PEFT take it on that model
-        candidates.append(lambda n: checkpoint_name(f"transformer.{n}"))
+        # a PEFT adapter of a diffusers transformer or UNet alone (FLUX's, SD3's; an SD UNet's): named without the
+        # pipeline's component, as diffusers' load_lora_adapter(prefix=None), PEFT and ComfyUI take it on that model
+        candidates += [lambda n: checkpoint_name(f"transformer.{n}"), lambda n: checkpoint_name(f"unet.{n}")]
     candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout(manifest)]
     if aliases:
         to_aliases = clip_layout(aliases)

@@ -433,3 +433,17 @@ def test_comfyui_saved_lora_names_bind_to_sd_checkpoints(tmp_path):
     lora, expected = build(g, targets, base, "kohya")
     (tmp_path / "sdxl").mkdir()
     merged_equals_comfyui(tmp_path / "sdxl", base, lora, expected)
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_diffusers_unet_names_without_unet_prefix_bind(tmp_path, kind):
+    """diffusers UNet module names without the pipeline's unet. (ComfyUI's diffusers_lora_prefix ["", "unet."]), in
+    lora_down/lora_up or lora_A/lora_B keys, beside top-level modules (conv_in): they were "not in base", and with
+    lora_down/up keys the dotless conv_in made the file read as kohya's ("unknown keys in a kohya LoRA file")."""
+    g = Gen(39)
+    base, l2d = sd15_checkpoint(g)
+    prefix = "model.diffusion_model."
+    names = [n for n in two_d(base, prefix) if n in l2d and "transformer_blocks" not in l2d[n]]
+    assert "input_blocks.0.0" in names  # conv_in
+    lora, expected = build(g, {l2d[n]: (f"{prefix}{n}.weight", None) for n in names}, base, kind)
+    merged_equals_comfyui(tmp_path, base, lora, expected)

@@ -98,7 +98,7 @@ def key_layout(keys: Iterable[str]) -> str | None:
         return "xlabs"
     if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
         return "diffusers"
-    if any(kohya.is_kohya_key(k) for k in keys):
+    if kohya.is_kohya_layout(keys):
         return "kohya"
     if any(peft.is_factor_key(peft.peft_key(k)) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
            for k in keys):

@@ -59,14 +59,22 @@ are written transposed like a linear one on the stored table, and nothing else i
 (binding puts them back in PEFT's layout: check.fit_orientation)."""
 
 
-def is_kohya_key(key: str) -> bool:
-    """A kohya name: its prefix, or kohya's factor names on an underscored module name. The same factor names on a
-    dotted module path (diffusion_model.blocks.0.self_attn.q.lora_down.weight) are a bare PEFT-style file's
-    (peft.KOHYA_FACTORS); behind kohya's own prefix (lora_unet.down_blocks…) they stay kohya's, refused as such."""
-    if key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")):
-        return True
-    module = next((key.removesuffix(s) for s in peft.KOHYA_FACTORS if key.endswith(s)), None)
-    return module is not None and ("." not in module or module.startswith("lora_"))
+def is_kohya_layout(keys: Iterable[str]) -> bool:
+    """Kohya's names: a key behind kohya's own prefix, or kohya's factor names on underscored module names only. The
+    same factor names on a dotted module path (diffusion_model.blocks.0.self_attn.q.lora_down.weight) are a bare
+    PEFT-style file's (peft.KOHYA_FACTORS), and so are its top-level modules beside them (conv_in beside
+    down_blocks.0.resnets.0.conv1); behind kohya's own prefix (lora_unet.down_blocks…) they stay kohya's, refused as
+    such."""
+    modules = []
+    for key in keys:
+        if key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")):
+            return True
+        module = next((key.removesuffix(s) for s in peft.KOHYA_FACTORS if key.endswith(s)), None)
+        if module is not None and module.startswith("lora_"):
+            return True
+        if module is not None:
+            modules.append(module)
+    return bool(modules) and all("." not in module for module in modules)
 
 
 def kohya_name(module_path: str, component: str | None = None) -> str:
