@@ -21,6 +21,7 @@ from . import algebra, blocks
 from .errors import (AmbiguousError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
                      NotFoundError, reworded)
 from .formats import refuse_unwritable
+from .formats.peft import refuse_full_tensors
 from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, disk_named, output_path, path_exists, refuse_existing, resolved
@@ -569,7 +570,11 @@ def resize(
     with opened(registry) as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt or input_format(reg, ref))
         source = open_input(ref, base)
-        refuse_unwritable(source.adapter, fmt or source.adapter.format)
+        written = fmt or source.adapter.format
+        if written != "peft":  # (a kohya or diffusers file holds no full tensor: those that carry nothing stay out)
+            source = without_saved_layers(reg, source)
+            refuse_full_tensors(source.adapter, written, base=source.record.base.name if source.record.base else None)
+        refuse_unwritable(source.adapter, written)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                         conv_rank=conv_rank, device=device, precise=precise, out_dtype=computed)
         lineage = LineageSpec(op="resize", params={**lineage_rule(rule), **lineage_dtype(dtype)},
@@ -695,8 +700,6 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
                              base: str | None) -> tuple["Adapter", list[str]]:
     """``adapter`` without the PEFT saved embedding layers that hold the base's values, which a kohya or diffusers
     file cannot hold and which carry nothing; refused when any full tensor is left (formats.refuse_full_tensors)."""
-    from .formats.peft import refuse_full_tensors
-
     adapter, same = unchanged_layers_left_out(reg, adapter, base)
     if adapter.full_tensors:
         refuse_full_tensors(adapter, fmt, base=base)

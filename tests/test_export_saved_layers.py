@@ -135,3 +135,34 @@ def test_combine_leaves_out_unchanged_saved_layers_and_refuses_changed_ones(tmp_
     run("register", second, "--base", "tiny", "--name", "changed")
     refused = run("combine", "e1", "changed", code=2).output
     assert refused.splitlines()[-1].startswith("error: changed@1 carries full replacement tensors")
+
+
+def test_resize_to_kohya_leaves_out_an_unchanged_saved_layer(tmp_path, saved):
+    """resize --format kohya (or diffusers) of such an adapter, registered against its base or given --base, leaves
+    the unchanged saved layer out as export and combine do (it said "bound to no base … give --base BASE" however it
+    was given); one that differs is refused naming the base it was compared with. As peft it is kept."""
+    base, adapter = saved
+    run("register", adapter, "--base", "tiny", "--name", "emb")
+    result = run("resize", "emb", "--rank", "8", "--format", "kohya", "-o", tmp_path / "r.safetensors")
+    assert "note: left out emb@1's model.embed_tokens.weight: PEFT's saved embedding layer" in result.output
+    with Registry.open() as reg:
+        bound = check.require_fit(formats.read_adapter(tmp_path / "r.safetensors"), reg.base_manifest("tiny"),
+                                  base_name="tiny")
+    assert not bound.full_tensors and set(bound.modules) == set(check.require_fit(
+        formats.read_adapter(adapter), reg.base_manifest("tiny"), base_name="tiny").modules)
+    run("merge", "emb", "--into", base, "-o", tmp_path / "from-peft", "--no-record")
+    run("merge", tmp_path / "r.safetensors", "--into", base, "-o", tmp_path / "from-kohya", "--no-record")
+    peft_merge, kohya_merge = merged_tensors(tmp_path / "from-peft"), merged_tensors(tmp_path / "from-kohya")
+    for name in peft_merge:  # (rank 8 is the adapter's own: the same ΔW, refactored)
+        torch.testing.assert_close(kohya_merge[name], peft_merge[name], rtol=1e-5, atol=1e-5)
+    run("resize", adapter, "--rank", "8", "--base", "tiny", "--format", "diffusers", "-o", tmp_path / "d.safetensors",
+        code=2)  # (a language model's adapter: no pipeline component — refused for that, not for the layer)
+    kept = run("resize", "emb", "--rank", "8", "-o", tmp_path / "p").output
+    assert "left out" not in kept and EMBED_LAYER in load_file(tmp_path / "p" / "adapter_model.safetensors")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors[EMBED_LAYER][3, 5] += 1
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    changed = run("resize", adapter, "--rank", "8", "--base", "tiny", "--format", "kohya",
+                  "-o", tmp_path / "c.safetensors", code=2).output
+    assert "differs from base tiny's, so it carries trained values" in changed and "bound to no base" not in changed
+    assert not (tmp_path / "c.safetensors").exists()

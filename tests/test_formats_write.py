@@ -411,7 +411,8 @@ def test_unbound_gpt2_adapter_with_a_head_is_refused_as_kohya_or_diffusers(tmp_p
 def test_bare_gpt2_file_is_refused_as_kohya_unbound(tmp_path):
     """A bare PEFT file (no config, no flag) of Conv1D-named modules: whether they are GPT-2's Conv1D or GPT-BigCode's
     nn.Linear, only the base says (before: written untransposed, GPT-2's c_attn then misfit its base in×out and its
-    square c_proj merged ΔWᵀ). Kohya and diffusers files written of it bound hold PEFT's deltas."""
+    square c_proj merged ΔWᵀ). A kohya file written of it bound holds PEFT's deltas; diffusers is refused bound too,
+    as a language model's (no pipeline holds a Conv1D: it was written under a transformer. component)."""
     import shutil
 
     from loraops.errors import UnsupportedAdapterError
@@ -422,8 +423,14 @@ def test_bare_gpt2_file_is_refused_as_kohya_unbound(tmp_path):
     for fmt in ("kohya", "diffusers"):
         with pytest.raises(UnsupportedAdapterError, match="--base"):
             write_adapter(bare, tmp_path / f"{fmt}.safetensors", fmt)
-        written = write_adapter(bind(bare, manifest(base)), tmp_path / f"{fmt}.safetensors", fmt)
-        assert_peft_deltas(bind(read_adapter(written), manifest(base)), deltas)
+    written = write_adapter(bind(bare, manifest(base)), tmp_path / "kohya.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(written), manifest(base)), deltas)
+    with pytest.raises(FormatError, match=r"a language model's adapter \(a Conv1D module, transformer\.h\.0\.attn\.c_attn\): "
+                                          r"the diffusers format is a pipeline's"):
+        write_adapter(bind(bare, manifest(base)), tmp_path / "diffusers.safetensors", "diffusers")
+    assert not (tmp_path / "diffusers.safetensors").exists()
+    with pytest.raises(FormatError, match=r"a language model's adapter \(task_type CAUSAL_LM\)"):
+        write_adapter(read_adapter(folder), tmp_path / "diffusers.safetensors", "diffusers")
     # with its config (fan_in_fan_out true: PEFT saw a Conv1D) it is settled unbound
     kohya = write_adapter(read_adapter(folder), tmp_path / "k2.safetensors", "kohya")
     assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)

@@ -95,6 +95,15 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     )
 
 
+def config_path(name: str) -> str:
+    """A written module's path in its component's LoraConfig: behind the component; a CLIP text encoder's without
+    transformers 4's ``text_model.`` level, which transformers 5's CLIPTextModel lacks in memory (PEFT refused the
+    whole file there: "Target modules … not found"). PEFT matches a target and a pattern as a dot-bounded suffix, so
+    the path finds the module under either layout."""
+    component, _, path = name.partition(".")
+    return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
+
+
 def parts(module: LoraModule) -> list[LoraModule]:
     """The modules a LoRA is written as: itself, but a LoRA on a whole FLUX/SD3 fused tensor (its qkv or linear1,
     which sd-scripts trains as one Linear: lora_unet_double_blocks_0_img_attn_qkv) as the parts diffusers names
@@ -125,6 +134,14 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     other = ldm.other_unet(adapter.modules, adapter.metadata)
     video = other is not None and other.video
+    # a language model rooted at transformer. (GPT-2, BLOOM, Falcon: transformer.h.0…) reads as a pipeline's
+    # component: its PEFT task type or a Conv1D module says it is none (no pipeline holds those)
+    task = adapter.config.get("task_type")
+    conv1d = next((m.name for m in adapter.modules.values() if m.fan_in_fan_out), None)
+    if task or conv1d:
+        said = f"task_type {task}" if task else f"a Conv1D module, {conv1d}"
+        raise FormatError(f"{adapter.label}: a language model's adapter ({said}): the diffusers format is a "
+                          "pipeline's (`fmt` peft or kohya)", ["fmt"])
     names: dict[str, str] = {}
     for name in listed:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl, video=video)
@@ -165,6 +182,6 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             by_component.setdefault(component_of(name), {})[name] = module
         packed = {}
         for component, members in by_component.items():
-            cfg = peft.lora_config(members, {n: n.partition(".")[2] for n in members}, rslora=rslora, saved_modules=[])
+            cfg = peft.lora_config(members, {n: config_path(n) for n in members}, rslora=rslora, saved_modules=[])
             packed.update({f"{component}.{k}": v for k, v in cfg.items()})
         return {dest.name: out.close({"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})}
