@@ -72,7 +72,9 @@ BEFORE = {
     # (its header's conv_alpha since written "8.0", as sd-scripts does; the same bytes after the header,
     # sshs_model_hash f930299f…)
     "kohya": {"out.safetensors": "01c7a2a5e0f6f44354ed4c207cd80fb1a612542e6c6579cb609c7026d6e9015f"},
-    "diffusers": {"out.safetensors": "5339201261e54dbc60ccee3907de177ce0cbf7295677aaeccf2ea7757f03d7bf"},
+    # (its header's text-encoder targets since written without text_model. (formats.diffusers.config_path); the same
+    # tensors)
+    "diffusers": {"out.safetensors": "041b59546a23e7555fcb7bda26ded25bcb07577a20e7bf028740f733d674c4b2"},
 }
 # identities of fixed_adapter combined by cat as below, registered before this change (main at 0449d05); the kohya
 # one's header since keeps its inputs' ss_base_model_version (sd_v1; the same bytes after the header, sshs_model_hash

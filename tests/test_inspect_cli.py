@@ -129,7 +129,9 @@ def test_mixed_ranks_and_alphas_are_given_as_their_range(tmp_path):
     path = mixed_kohya(tmp_path / "mixed.safetensors")
     out = run(path).output
     assert "\nrank        mixed (2–16)\n" in out and "\nalpha       mixed (1–8)\n" in out
-    data = json.loads(run(path, "--json").output)
+    result = run(path, "--json")  # (its rank-4 module's .alpha is 0: alpha 4, said on stderr)
+    data = json.loads(result.stdout)
+    assert result.stderr.startswith(f"note: {path}: .alpha is 0 in 1 of 3 modules (lora_unet_a_v)")
     assert data["rank"] is None and data["alpha"] is None
     assert sorted((m["rank"], m["alpha"]) for m in data["modules"]) == [(2, 1), (4, 4), (16, 8)]
 
