@@ -49,8 +49,8 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # no CLIP's, so the two forms never meet
     ("text_encoder_2.", ("lora_te2", "lora_te3")),
     ("text_encoder_3.", ("lora_te3",)),
-    # (lycoris_: SimpleTuner's DiT LoRAs, which ComfyUI applies to a checkpoint it saved too; lora_unet__: VideoX-Fun's
-    # Wan LoRAs, read as lora_unet_ by ComfyUI's convert_lora_wan_fun)
+    # (here and on a bare checkpoint below, lycoris_: SimpleTuner's DiT LoRAs, which ComfyUI applies to a checkpoint
+    # it saved too; lora_unet__: VideoX-Fun's Wan LoRAs, read as lora_unet_ by ComfyUI's convert_lora_wan_fun)
     ("model.diffusion_model.", ("lora_unet", "lycoris", "lora_unet_")),
     *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
     ("", ("lora_unet", "lycoris", "lora_unet_")),
